@@ -1,0 +1,322 @@
+"""The denoisers: shared transformer building blocks and the Z-Image single-stream DiT.
+
+Read top to bottom: shared blocks (norms, attention, RoPE, timestep embedding, patchify), then the
+Z-Image backbone ("S3-DiT", the source model L2P was built on), then its configuration from the hub's
+`config.json` or from tensor shapes. Module and parameter names mirror the diffusers layout so hub
+safetensors load with `assign=True` and no renaming.
+
+Every backbone speaks the project's time convention (see the top of sample.py): it is called with
+`sigma` (1 = pure noise, 0 = data) and returns the velocity `noise - x0`. A source model's native
+convention is adapted in its own `forward`, in one place, and nowhere else.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# Shared building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32 then cast back, as diffusers' RMSNorm and transformers' Qwen3RMSNorm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention. q, k, v: (B, heads, S, head_dim); mask: bool (B, 1, 1|S, S), True = attend."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def key_padding_mask(lengths: torch.Tensor, total: int) -> torch.Tensor | None:
+    """(B,) valid lengths -> bool (B, 1, 1, total) attention mask, or None when nothing is padded."""
+    if bool((lengths == total).all()):
+        return None
+    return (torch.arange(total, device=lengths.device)[None] < lengths[:, None])[:, None, None, :]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, cos first then sin, frequencies exp(-ln(max_period) * i / half) (all our sources)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, out_dim: int, mid_dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, mid_dim), nn.SiLU(), nn.Linear(mid_dim, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+
+
+def rope_frequencies(positions: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
+    """Multi-axis RoPE: integer positions (..., n_axes) -> complex rotations (..., sum(axes_dims) / 2).
+
+    Each axis owns a slice of the head dimension. Angles are computed in float64 and rounded to float32
+    before `polar`, which reproduces the reference's precomputed tables bit for bit at any position.
+    """
+    parts = []
+    for axis, dim in enumerate(axes_dims):
+        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+        angles = (positions[..., axis, None].double() * inv_freq).float()
+        parts.append(torch.polar(torch.ones_like(angles), angles))
+    return torch.cat(parts, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]). x: (B, S, heads, head_dim); freqs: complex (B, S, head_dim/2)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs[:, :, None]).flatten(-2).type_as(x)
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, p * p * C), rows first, channels last inside a patch (ph, pw, c)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def unpatchify(tokens: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of `patchify`: (B, H/p * W/p, p * p * C) -> (B, C, H, W)."""
+    B, _, D = tokens.shape
+    C = D // (patch * patch)
+    x = tokens.reshape(B, height // patch, width // patch, patch, patch, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, height, width)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Z-Image single-stream DiT (Tongyi-MAI/Z-Image, Z-Image-Turbo; diffusers ZImageTransformer2DModel)
+
+ZIMAGE_ADALN_DIM = 256  # width of the timestep condition (min(dim, 256) in the reference)
+ZIMAGE_T_MID_DIM = 1024  # hidden width of the timestep MLP, fixed in the reference
+ZIMAGE_SEQ_MULTIPLE = 32  # image and caption sequences are each padded to a multiple of 32 tokens
+ZIMAGE_QK_NORM_EPS = 1e-5  # the reference hard-codes this for q/k norms, independent of norm_eps
+ZIMAGE_FINAL_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ZImageConfig:
+    """Fields and defaults of the hub's transformer/config.json (Z-Image-Turbo values)."""
+
+    all_patch_size: tuple[int, ...] = (2,)
+    all_f_patch_size: tuple[int, ...] = (1,)
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30  # stored by the hub config; the reference attends with n_heads for k and v too
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    cap_feat_dim: int = 2560
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: tuple[int, ...] = (32, 48, 48)
+    axes_lens: tuple[int, ...] = (1024, 512, 512)  # size of the reference's RoPE tables; we compute any position
+    final_layer: bool = True  # False for the pixel model, whose Detailer Head replaces it
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def adaln_dim(self) -> int:
+        return min(self.dim, ZIMAGE_ADALN_DIM)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ZImageConfig":
+        """Build from a hub config.json dict; unknown bookkeeping keys (`_class_name`, ...) are ignored."""
+        if d.get("siglip_feat_dim") is not None:
+            raise ValueError("Z-Image Omni (siglip_feat_dim) is not supported: only text-to-image Z-Image")
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+class ZImageAttention(nn.Module):
+    """Multi-head self-attention with RMS q/k norms and RoPE; no biases."""
+
+    def __init__(self, dim: int, n_heads: int, qk_norm: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # a list only to match hub key names
+        self.norm_q = RMSNorm(dim // n_heads, ZIMAGE_QK_NORM_EPS) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim // n_heads, ZIMAGE_QK_NORM_EPS) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        # (B, S, dim) -> (B, S, heads, head_dim)
+        q = self.norm_q(self.to_q(x).unflatten(-1, (self.n_heads, -1)))
+        k = self.norm_k(self.to_k(x).unflatten(-1, (self.n_heads, -1)))
+        v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, heads, S, hd)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ZImageBlock(nn.Module):
+    """Sandwich-normed block; when modulated, tanh-gated residuals and (1 + scale) inputs from the timestep.
+
+    Unlike DiT's adaLN there are no shifts and no SiLU before the modulation Linear.
+    """
+
+    def __init__(self, cfg: ZImageConfig, modulated: bool):
+        super().__init__()
+        dim = cfg.dim
+        self.attention = ZImageAttention(dim, cfg.n_heads, cfg.qk_norm)
+        self.feed_forward = SwiGLU(dim, int(dim / 3 * 8))
+        self.attention_norm1 = RMSNorm(dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(dim, cfg.norm_eps)
+        self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * dim)) if modulated else None
+
+    def forward(self, x, rope, mask, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.adaLN_modulation is None:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(4, dim=-1)
+        attn_out = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
+        x = x + gate_msa.tanh() * self.attention_norm2(attn_out)
+        ffn_out = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(ffn_out)
+
+
+class ZImageFinalLayer(nn.Module):
+    """LayerNorm without affine, scaled by 1 + Linear(SiLU(c)), then the output projection."""
+
+    def __init__(self, dim: int, adaln_dim: int, out_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, (x.shape[-1],), eps=ZIMAGE_FINAL_NORM_EPS)
+        return self.linear(x * (1 + self.adaLN_modulation(c)[:, None]))
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class ZImageDiT(nn.Module):
+    """Z-Image S3-DiT: image tokens and caption tokens are refined apart, then joined in one stream.
+
+    Sequence layout per sample (reference `patchify_and_embed`): image tokens padded with the learned
+    `x_pad_token` to a multiple of 32, then caption tokens padded with `cap_pad_token` to a multiple of
+    32. Pad tokens take part in attention; only the padding that batches samples of different caption
+    lengths is masked. RoPE positions (axis 0, row, col): caption token j -> (1 + j, 0, 0); image token
+    -> (padded caption length + 1, row, col); image pad tokens -> (0, 0, 0).
+    """
+
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        if cfg.head_dim != sum(cfg.axes_dims) or cfg.dim % cfg.n_heads:
+            raise ValueError(f"Z-Image config: head_dim {cfg.dim}/{cfg.n_heads} must equal sum(axes_dims) {cfg.axes_dims}")
+        self.cfg = cfg
+        patches = list(zip(cfg.all_patch_size, cfg.all_f_patch_size))
+        self.all_x_embedder = nn.ModuleDict(
+            {f"{p}-{f}": nn.Linear(f * p * p * cfg.in_channels, cfg.dim) for p, f in patches}
+        )
+        if cfg.final_layer:
+            self.all_final_layer = nn.ModuleDict(
+                {f"{p}-{f}": ZImageFinalLayer(cfg.dim, cfg.adaln_dim, f * p * p * cfg.in_channels) for p, f in patches}
+            )
+        self.noise_refiner = nn.ModuleList([ZImageBlock(cfg, modulated=True) for _ in range(cfg.n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([ZImageBlock(cfg, modulated=False) for _ in range(cfg.n_refiner_layers)])
+        self.t_embedder = TimestepEmbedder(cfg.adaln_dim, ZIMAGE_T_MID_DIM)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.layers = nn.ModuleList([ZImageBlock(cfg, modulated=True) for _ in range(cfg.n_layers)])
+
+    def condition(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Timestep condition. Z-Image's native time runs the other way: t = 1 - sigma (1 = clean image)."""
+        return self.t_embedder((1 - sigma) * self.cfg.t_scale)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: list[torch.Tensor], patch: int | None = None):
+        """Velocity `noise - x0` for latents x (B, C, H, W), sigma (B,), captions [(L_i, cap_feat_dim)] * B."""
+        patch = patch or self.cfg.all_patch_size[0]
+        key = f"{patch}-1"
+        c = self.condition(sigma)
+        tokens = self.all_x_embedder[key](patchify(x, patch))
+        h = self.transform(tokens, (x.shape[2] // patch, x.shape[3] // patch), c, captions)
+        # Z-Image natively predicts x0 - noise; negate to the project's velocity.
+        return -unpatchify(self.all_final_layer[key](h, c), patch, x.shape[2], x.shape[3])
+
+    def transform(self, tokens: torch.Tensor, grid: tuple[int, int], c: torch.Tensor, captions: list[torch.Tensor]):
+        """Embedded image tokens (B, h*w, dim) -> the last main block's image tokens (B, h*w, dim)."""
+        B, n_image, dim = tokens.shape
+        device = tokens.device
+        n_image_padded = round_up(n_image, ZIMAGE_SEQ_MULTIPLE)
+        x = torch.cat([tokens, self.x_pad_token.to(tokens.dtype).expand(B, n_image_padded - n_image, dim)], dim=1)
+
+        # Captions: embed, pad each to a multiple of 32 with the pad token, then batch-pad to the longest.
+        cap_lens = [len(cap) for cap in captions]
+        cap_padded_lens = torch.tensor([round_up(n, ZIMAGE_SEQ_MULTIPLE) for n in cap_lens], device=device)
+        n_cap = int(cap_padded_lens.max())
+        embedded = self.cap_embedder(torch.cat(captions).to(tokens.dtype)).split(cap_lens)
+        cap = torch.zeros(B, n_cap, dim, dtype=tokens.dtype, device=device)
+        for i, e in enumerate(embedded):
+            cap[i, : len(e)] = e
+        slot = torch.arange(n_cap, device=device)[None]  # (1, n_cap)
+        cap = torch.where((slot >= torch.tensor(cap_lens, device=device)[:, None])[..., None], self.cap_pad_token, cap)
+
+        # RoPE positions: see the class docstring.
+        cap_pos = torch.zeros(B, n_cap, 3, dtype=torch.long, device=device)
+        cap_pos[..., 0] = torch.where(slot < cap_padded_lens[:, None], slot + 1, 0)
+        rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij")
+        img_pos = torch.zeros(B, n_image_padded, 3, dtype=torch.long, device=device)
+        img_pos[:, :n_image, 0] = (cap_padded_lens + 1)[:, None]
+        img_pos[:, :n_image, 1] = rows.flatten()
+        img_pos[:, :n_image, 2] = cols.flatten()
+        img_rope = rope_frequencies(img_pos, self.cfg.axes_dims, self.cfg.rope_theta)
+        cap_rope = rope_frequencies(cap_pos, self.cfg.axes_dims, self.cfg.rope_theta)
+
+        for block in self.noise_refiner:
+            x = block(x, img_rope, None, c)
+        cap_mask = key_padding_mask(cap_padded_lens, n_cap)
+        for block in self.context_refiner:
+            cap = block(cap, cap_rope, cap_mask)
+
+        # One stream: [image | caption]; batch padding sits at the end, so masking it is a length mask.
+        h = torch.cat([x, cap], dim=1)
+        rope = torch.cat([img_rope, cap_rope], dim=1)
+        mask = key_padding_mask(n_image_padded + cap_padded_lens, h.shape[1])
+        for block in self.layers:
+            h = block(h, rope, mask, c)
+        return h[:, :n_image]

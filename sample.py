@@ -1,0 +1,244 @@
+"""Sampling: the flow schedule, the Euler ODE sampler with classifier-free guidance, and PNG output.
+
+The project's one time convention, used by every file:
+    sigma = 1 is pure noise, sigma = 0 is data;  x_sigma = (1 - sigma) * x0 + sigma * noise;
+    the model predicts the velocity v = noise - x0 = dx/dsigma, so an Euler step is x += (sigma_next - sigma) * v.
+Each source model's native convention is adapted inside its backbone's `forward` (model.py), nowhere else.
+
+Noise is drawn per image from a CPU generator seeded with that image's seed (`--seed` + image index), so
+an image depends on its own seed only: not on batch size, world size or device.
+
+    python sample.py --ckpt Tongyi-MAI/Z-Image-Turbo --prompt "a red fox in snow" --out fox.png
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import hub
+from tokenizer import encode_prompts
+
+# Recommended inference of a Z-Image-Turbo source (its model card): 8 steps, no guidance.
+SOURCE_STEPS = 8
+SOURCE_GUIDANCE = 1.0
+# diffusers FlowMatchEulerDiscreteScheduler defaults for the resolution-dependent shift (mu)
+BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
+UNSUPPORTED_SCHEDULER_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
+                                 "invert_sigmas", "stochastic_sampling")
+
+# ----------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Flow shift: sigma' = s * sigma / (1 + (s - 1) * sigma); s > 1 spends more steps at high noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def resolution_mu(image_seq_len: int, scheduler: dict) -> float:
+    """The pipeline's resolution-dependent shift: linear in the token count between two anchors."""
+    base_len = scheduler.get("base_image_seq_len", BASE_SEQ_LEN)
+    max_len = scheduler.get("max_image_seq_len", MAX_SEQ_LEN)
+    base_shift = scheduler.get("base_shift", BASE_SHIFT)
+    max_shift = scheduler.get("max_shift", MAX_SHIFT)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len
+
+
+def source_sigmas(steps: int, scheduler: dict, image_seq_len: int) -> torch.Tensor:
+    """(steps + 1,) sigmas exactly as ZImagePipeline + FlowMatchEulerDiscreteScheduler.set_timesteps compute
+    them: linspace(1, 1/steps, steps), shifted by `shift` or, with dynamic shifting, by exp(mu); then 0."""
+    used = [k for k in UNSUPPORTED_SCHEDULER_OPTIONS if scheduler.get(k)]
+    if used:
+        raise ValueError(f"scheduler_config.json: options {used} are not supported by this sampler")
+    sigmas = torch.linspace(1.0, 1.0 / steps, steps)
+    if scheduler.get("use_dynamic_shifting"):
+        mu = resolution_mu(image_seq_len, scheduler)
+        scale = math.exp(mu) if scheduler.get("time_shift_type", "exponential") == "exponential" else mu
+        sigmas = scale / (scale + (1 / sigmas - 1))
+    else:
+        sigmas = shift_sigmas(sigmas, scheduler.get("shift", 1.0))
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampler
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(seeds), *shape) float32 standard normal noise, one CPU generator per image."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, guidance: float) -> torch.Tensor:
+    """v = v_uncond + guidance * (v_cond - v_uncond), both halves in one batch; guidance 1 runs cond only.
+
+    This is the convention of the L2P code (cfg 2.0). diffusers' ZImagePipeline writes pos + g (pos - neg),
+    so its guidance_scale g is our guidance 1 + g.
+    """
+    dtype = next(model.parameters()).dtype
+    if guidance == 1.0 or uncond is None:
+        return model(x.to(dtype), torch.full((len(x),), sigma, device=x.device), cond).float()
+    both = torch.cat([x, x]).to(dtype)
+    v_cond, v_uncond = model(both, torch.full((len(both),), sigma, device=x.device), cond + uncond).float().chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+def euler_sample(velocity, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    """Integrate dx/dsigma = velocity(x, sigma) from sigmas[0] to sigmas[-1], in float32."""
+    x = x.float()
+    start = time.time()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = x + (sigma_next - sigma) * velocity(x, sigma)
+        if progress:
+            print(f"\r  step {i + 1}/{len(sigmas) - 1}  {time.time() - start:.1f}s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return x
+
+
+def check_size(height: int, width: int, multiple: int, what: str) -> None:
+    for name, v in (("--h", height), ("--w", width)):
+        if v <= 0 or v % multiple:
+            raise ValueError(f"{name} {v} is not a positive multiple of {multiple} ({what})")
+
+
+@torch.no_grad()
+def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int], height: int, width: int,
+                  steps: int = SOURCE_STEPS, guidance: float = SOURCE_GUIDANCE, negative_prompt: str = "",
+                  latents: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from a latent source: encode text, Euler in latent space, VAE decode."""
+    vae, dit = pipe.vae, pipe.transformer
+    patch = dit.cfg.all_patch_size[0]
+    check_size(height, width, vae.cfg.downsample * patch, f"VAE factor {vae.cfg.downsample} x patch {patch}")
+    device = next(dit.parameters()).device
+    cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
+    uncond = encode_prompts(pipe.text_encoder, pipe.tokenizer, [negative_prompt] * len(prompts)) if guidance != 1 else None
+    shape = (dit.cfg.in_channels, height // vae.cfg.downsample, width // vae.cfg.downsample)
+    x = (initial_noise(seeds, shape) if latents is None else latents).to(device)
+    sigmas = source_sigmas(steps, pipe.scheduler, (shape[1] // patch) * (shape[2] // patch))
+    x = euler_sample(lambda x, s: guided_velocity(dit, x, s, cond, uncond, guidance), x, sigmas, progress)
+    images = vae.decode(x.to(next(vae.parameters()).dtype)).float()
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def generate(ckpt: str, prompt: str, seed: int = 42, height: int = 1024, width: int = 1024,
+             steps: int = SOURCE_STEPS, guidance: float = SOURCE_GUIDANCE, device: str = "auto",
+             dtype: str = "auto") -> Image.Image:
+    """One image from a latent source (hub id or folder): the whole path in one call."""
+    device, torch_dtype = pick_device_dtype(device, dtype)
+    pipe = hub.load_pipeline(ckpt, torch_dtype, device)
+    return to_pil(sample_latent(pipe, [prompt], [seed], height, width, steps, guidance)[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output and CLI
+
+
+def pick_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """--device auto: CUDA when present, else CPU. --dtype auto: bf16 on CUDA, fp32 on CPU."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"--dtype {dtype!r}: expected one of auto, {', '.join(names)}")
+    return dev, names[dtype]
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> 8-bit RGB, rounded as diffusers' image processor does."""
+    return Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+def save_png(image: Image.Image, path: Path, settings: dict) -> None:
+    """Write atomically, with the settings that made the image as PNG text metadata ("l2p" key, JSON)."""
+    info = PngInfo()
+    info.add_text("l2p", json.dumps(settings))
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """Plain text (one prompt per line) or JSONL with a "prompt" field; blank lines are skipped."""
+    if not path.is_file():
+        raise ValueError(f"--prompts {path}: no such file")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"--prompts {path}: holds no prompt")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"--prompts {path}:{n}: expected a JSON object with a \"prompt\" field") from None
+        return rows
+    return lines
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="source model: hub id (owner/name) or diffusers folder")
+    p.add_argument("--transformer", help="replace the source's transformer with this folder or single file")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    p.add_argument("--prompts", type=Path, help="prompt file: plain text, one per line, or JSONL with 'prompt'")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for guidance (default: empty)")
+    p.add_argument("--h", type=int, default=1024, help="image height in pixels")
+    p.add_argument("--w", type=int, default=1024, help="image width in pixels")
+    p.add_argument("--steps", type=int, default=SOURCE_STEPS, help="Euler steps")
+    p.add_argument("--guidance", type=float, default=SOURCE_GUIDANCE, help="classifier-free guidance; 1 = off")
+    p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward batch")
+    p.add_argument("--out", type=Path, default=Path("sample.png"), help="a .png file (one image) or a folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    prompts = (args.prompt or []) + (read_prompt_file(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise SystemExit("give --prompt or --prompts")
+    if args.out.suffix == ".png" and len(prompts) > 1:
+        raise SystemExit(f"--out {args.out} is one file but there are {len(prompts)} prompts: give a folder")
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit("--steps and --batch-size must be at least 1")
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    root = hub.resolve(args.ckpt)
+    check_size(args.h, args.w, hub.latent_pixel_multiple(root, args.transformer), "pixels per latent token")
+    pipe = hub.load_pipeline(args.ckpt, dtype, device, transformer=args.transformer)
+    folder = args.out if args.out.suffix != ".png" else args.out.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        seeds = [args.seed + start + i for i in range(len(batch))]
+        images = sample_latent(pipe, batch, seeds, args.h, args.w, args.steps, args.guidance, args.negative_prompt,
+                               progress=True)
+        for i, (prompt, seed, image) in enumerate(zip(batch, seeds, images)):
+            path = args.out if args.out.suffix == ".png" else folder / f"{start + i:05d}.png"
+            settings = dict(prompt=prompt, seed=seed, ckpt=args.ckpt, steps=args.steps, guidance=args.guidance,
+                            negative_prompt=args.negative_prompt, height=args.h, width=args.w)
+            save_png(to_pil(image), path, settings)
+            written.append(path)
+            print(f"wrote {path}", file=sys.stderr)
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, hub.CheckpointError) as e:
+        raise SystemExit(f"error: {e}")
