@@ -22,14 +22,16 @@ def reference_dit(ref, x, t_native, captions):
 
 
 @pytest.mark.parametrize("t_native", [(0.25, 0.875), (1.0, 0.5), (0.125, 0.0)])
-def test_dit_matches_diffusers(pipeline_dir, t_native):
-    """Two captions whose padded lengths differ (7 -> 32, 45 -> 64), a non-square 8 x 12 token grid."""
+@pytest.mark.parametrize("grid", [(8, 12), (7, 10)])
+def test_dit_matches_diffusers(pipeline_dir, t_native, grid):
+    """Two captions whose padded lengths differ (7 -> 32, 45 -> 64), non-square token grids; 7 x 10 = 70
+    image tokens also need the learned image pad token (-> 96)."""
     from diffusers import ZImageTransformer2DModel
 
     ref = ZImageTransformer2DModel.from_pretrained(pipeline_dir / "transformer").eval()
     ours = hub.load_zimage_transformer(pipeline_dir / "transformer", torch.float32, "cpu")
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16, 16, 24, generator=g)
+    x = torch.randn(2, 16, 2 * grid[0], 2 * grid[1], generator=g)
     captions = [torch.randn(7, 32, generator=g), torch.randn(45, 32, generator=g)]
     t = torch.tensor(t_native)  # dyadic values, so 1 - (1 - t) == t exactly
     with torch.no_grad():
