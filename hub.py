@@ -10,7 +10,9 @@ key names of a single-file checkpoint.
 Every error names the file or folder and what was expected, and is raised before weights are read.
 """
 
+import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,31 +31,46 @@ class CheckpointError(ValueError):
 
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_FILE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[\w./-]+\.safetensors)$")  # owner/name/file.safetensors
 # The weights of one component: the diffusers name, then the transformers name.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-# What a pipeline needs from a repository: configs, the non-variant safetensors, the tokenizer.
-PIPELINE_PATTERNS = ("model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
-                     "scheduler/scheduler_config.json", "tokenizer/*")
+# What each part of a pipeline needs from a repository: configs, non-variant safetensors, the tokenizer.
+PART_FOLDERS = {"transformer": ("transformer",), "text": ("text_encoder", "tokenizer"), "vae": ("vae",)}
+ALL_PARTS = tuple(PART_FOLDERS)
 VARIANT_PATTERNS = ("*.fp16.*", "*.fp16-*", "*.bf16.*", "*.bf16-*")
 KEYS_SHOWN = 5
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+HASH_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l2p" / "sha256.json"
 
 
 # ----------------------------------------------------------------------------------------------------
 # Files
 
 
-def resolve(ckpt: str, allow_patterns=PIPELINE_PATTERNS) -> Path:
-    """A local file or folder as is; otherwise a hub id, downloaded (or read from the HF cache) to a folder."""
+def pipeline_patterns(parts=ALL_PARTS) -> list[str]:
+    patterns = ["model_index.json", "scheduler/scheduler_config.json"]
+    for part in parts:
+        patterns += [f"{folder}/*" for folder in PART_FOLDERS[part]]
+    return patterns
+
+
+def resolve(ckpt: str, allow_patterns=None) -> Path:
+    """A local file or folder as is; `owner/name/file.safetensors` as that one hub file; otherwise a hub id,
+    downloaded (or read from the HF cache, e.g. with HF_HUB_OFFLINE=1) to a folder."""
     path = Path(ckpt).expanduser()
     if path.exists():
         return path
-    if not HUB_ID.match(ckpt):
+    hub_file = HUB_FILE.match(ckpt)
+    if not HUB_ID.match(ckpt) and not hub_file:
         raise CheckpointError(f"{ckpt}: no such file or folder (and not a hub id of the form owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(ckpt, allow_patterns=list(allow_patterns), ignore_patterns=list(VARIANT_PATTERNS)))
+        if hub_file:
+            return Path(hf_hub_download(hub_file["repo"], hub_file["file"]))
+        patterns = list(allow_patterns or pipeline_patterns())
+        return Path(snapshot_download(ckpt, allow_patterns=patterns, ignore_patterns=list(VARIANT_PATTERNS)))
     except LocalEntryNotFoundError as e:
         raise CheckpointError(
             f"{ckpt}: not a local folder, and not in the Hugging Face cache while offline (HF_HUB_OFFLINE=1?): {e}"
@@ -66,6 +83,41 @@ def revision_of(path: Path) -> str | None:
     """The commit hash when `path` lies in a Hugging Face cache snapshot (…/snapshots/<hash>/…)."""
     parts = path.resolve().parts
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes. A file in the HF cache links to a blob named by that hash, so nothing is
+    read; other files are hashed once and remembered by (path, size, mtime) in ~/.cache/l2p/sha256.json."""
+    blob = path.resolve()
+    if path.is_symlink() and SHA256_HEX.match(blob.name):
+        return blob.name
+    stat = blob.stat()
+    key = f"{blob}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        known = json.loads(HASH_CACHE.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with open(blob, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        known[key] = digest.hexdigest()
+        try:
+            HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+            tmp = HASH_CACHE.with_name(f"{HASH_CACHE.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            tmp.replace(HASH_CACHE)
+        except OSError:
+            pass  # a read-only home only costs re-hashing next time
+    return known[key]
+
+
+def weights_sha256(location: Path) -> str:
+    """One hash for a component's weights: sha256 over its safetensors files' names and hashes."""
+    files = safetensors_files(location)
+    lines = "\n".join(f"{f.name}:{file_sha256(f)}" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def read_json(path: Path) -> dict:
@@ -203,7 +255,7 @@ def is_original_zimage(tensors: dict) -> bool:
 
 def load_zimage_transformer(location: Path, dtype: torch.dtype, device) -> ZImageDiT:
     """A diffusers transformer folder (config.json + safetensors, sharded or not) or an original single file."""
-    tensors = read_tensors(location)
+    tensors = read_tensors(location, device)
     if is_original_zimage(tensors):
         tensors = zimage_from_original(tensors)
     if location.is_dir():
@@ -223,7 +275,7 @@ def load_zimage_transformer(location: Path, dtype: torch.dtype, device) -> ZImag
 def load_qwen3(location: Path, dtype: torch.dtype, device) -> Qwen3TextEncoder:
     """A transformers Qwen3 folder; an optional `model.` prefix (causal-LM checkpoints) is stripped."""
     cfg = Qwen3Config.from_dict(read_json(location / "config.json"))
-    tensors = {k.removeprefix("model."): t for k, t in read_tensors(location).items()}
+    tensors = {k.removeprefix("model."): t for k, t in read_tensors(location, device).items()}
     tensors = {k: t for k, t in tensors.items() if not Qwen3TextEncoder.unused_keys(cfg, k)}
     return load_module(lambda: Qwen3TextEncoder(cfg), tensors, location, dtype, device)
 
@@ -236,7 +288,7 @@ def load_tokenizer(folder: Path) -> PromptTokenizer:
 
 def load_vae(location: Path, dtype: torch.dtype, device) -> AutoencoderKL:
     cfg = VAEConfig.from_dict(read_json(location / "config.json"))
-    return load_module(lambda: AutoencoderKL(cfg), read_tensors(location), location, dtype, device)
+    return load_module(lambda: AutoencoderKL(cfg), read_tensors(location, device), location, dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,15 +299,21 @@ SUPPORTED_PIPELINES = ("ZImagePipeline",)
 
 @dataclass
 class LatentPipeline:
-    """A loaded latent text-to-image source: what synth.py and the latent sampler need."""
+    """A loaded latent text-to-image source, or the parts of it that a caller asked for."""
 
     name: str  # the hub id or path the user gave
     revision: str | None  # the hub commit when read from a cache snapshot
-    transformer: ZImageDiT
-    text_encoder: Qwen3TextEncoder
-    tokenizer: PromptTokenizer
+    transformer_sha256: str | None  # hash of the transformer's weight files (when loaded): what L2P builds on
+    transformer: ZImageDiT | None
+    text_encoder: Qwen3TextEncoder | None
+    tokenizer: PromptTokenizer | None
     vae: AutoencoderKL | None
     scheduler: dict  # scheduler_config.json
+
+    @property
+    def source(self) -> dict:
+        """Provenance recorded in synthesised data and L2P checkpoints."""
+        return {"id": self.name, "revision": self.revision, "transformer_sha256": self.transformer_sha256}
 
 
 def read_pipeline_index(root: Path) -> dict:
@@ -278,27 +336,29 @@ def latent_pixel_multiple(root: Path, transformer: str | None = None) -> int:
     return vae.downsample * patch
 
 
-def load_pipeline(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *, with_vae: bool = True,
+def load_pipeline(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *, parts=ALL_PARTS,
                   transformer: str | None = None) -> LatentPipeline:
-    """A Z-Image pipeline from a hub id or a diffusers folder; `transformer` may replace its transformer with
-    another folder or single file (an original-layout checkpoint, say). All configs and safetensors headers
-    are checked before any weight is read."""
-    root = resolve(ckpt)
+    """The `parts` of a Z-Image pipeline ("transformer", "text", "vae") from a hub id or a diffusers folder;
+    only their files are downloaded. `transformer` may replace the pipeline's transformer with another folder
+    or single file (an original-layout checkpoint, say). Configs and safetensors headers of every part are
+    checked before any weight is read; the transformer's weight hash is always computed (provenance)."""
+    root = resolve(ckpt, pipeline_patterns(parts))
     read_pipeline_index(root)
     transformer_path = Path(transformer).expanduser() if transformer else root / "transformer"
-    weights = [transformer_path, root / "text_encoder"] + ([root / "vae"] if with_vae else [])
-    for location in weights:
-        if location.is_dir():
-            read_json(location / "config.json")
-        open_safetensors(location)
+    weights = {"transformer": transformer_path, "text": root / "text_encoder", "vae": root / "vae"}
+    for part in parts:
+        if weights[part].is_dir():
+            read_json(weights[part] / "config.json")
+        open_safetensors(weights[part])
     scheduler = read_json(root / "scheduler" / "scheduler_config.json")
-    tokenizer = load_tokenizer(root / "tokenizer")
+    tokenizer = load_tokenizer(root / "tokenizer") if "text" in parts else None
     return LatentPipeline(
         name=ckpt,
         revision=revision_of(root),
-        transformer=load_zimage_transformer(transformer_path, dtype, device),
-        text_encoder=load_qwen3(root / "text_encoder", dtype, device),
+        transformer_sha256=weights_sha256(transformer_path) if "transformer" in parts else None,
+        transformer=load_zimage_transformer(transformer_path, dtype, device) if "transformer" in parts else None,
+        text_encoder=load_qwen3(root / "text_encoder", dtype, device) if "text" in parts else None,
         tokenizer=tokenizer,
-        vae=load_vae(root / "vae", dtype, device) if with_vae else None,
+        vae=load_vae(root / "vae", dtype, device) if "vae" in parts else None,
         scheduler=scheduler,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # Shared building blocks
@@ -233,6 +234,13 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def run_block(block: nn.Module, use_checkpoint: bool, *args) -> torch.Tensor:
+    """Call a block, recomputing its activations in the backward pass when checkpointing (training only)."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class ZImageDiT(nn.Module):
     """Z-Image S3-DiT: image tokens and caption tokens are refined apart, then joined in one stream.
 
@@ -242,6 +250,8 @@ class ZImageDiT(nn.Module):
     lengths is masked. RoPE positions (axis 0, row, col): caption token j -> (1 + j, 0, 0); image token
     -> (padded caption length + 1, row, col); image pad tokens -> (0, 0, 0).
     """
+
+    VELOCITY_SIGN = -1.0  # Z-Image natively predicts x0 - noise; the project's velocity is noise - x0
 
     def __init__(self, cfg: ZImageConfig):
         super().__init__()
@@ -263,6 +273,7 @@ class ZImageDiT(nn.Module):
         self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.layers = nn.ModuleList([ZImageBlock(cfg, modulated=True) for _ in range(cfg.n_layers)])
+        self.gradient_checkpointing = False
 
     def condition(self, sigma: torch.Tensor) -> torch.Tensor:
         """Timestep condition. Z-Image's native time runs the other way: t = 1 - sigma (1 = clean image)."""
@@ -275,8 +286,7 @@ class ZImageDiT(nn.Module):
         c = self.condition(sigma)
         tokens = self.all_x_embedder[key](patchify(x, patch))
         h = self.transform(tokens, (x.shape[2] // patch, x.shape[3] // patch), c, captions)
-        # Z-Image natively predicts x0 - noise; negate to the project's velocity.
-        return -unpatchify(self.all_final_layer[key](h, c), patch, x.shape[2], x.shape[3])
+        return self.VELOCITY_SIGN * unpatchify(self.all_final_layer[key](h, c), patch, x.shape[2], x.shape[3])
 
     def transform(self, tokens: torch.Tensor, grid: tuple[int, int], c: torch.Tensor, captions: list[torch.Tensor]):
         """Embedded image tokens (B, h*w, dim) -> the last main block's image tokens (B, h*w, dim)."""
@@ -294,7 +304,8 @@ class ZImageDiT(nn.Module):
         for i, e in enumerate(embedded):
             cap[i, : len(e)] = e
         slot = torch.arange(n_cap, device=device)[None]  # (1, n_cap)
-        cap = torch.where((slot >= torch.tensor(cap_lens, device=device)[:, None])[..., None], self.cap_pad_token, cap)
+        cap_pad = self.cap_pad_token.to(cap.dtype)
+        cap = torch.where((slot >= torch.tensor(cap_lens, device=device)[:, None])[..., None], cap_pad, cap)
 
         # RoPE positions: see the class docstring.
         cap_pos = torch.zeros(B, n_cap, 3, dtype=torch.long, device=device)
@@ -307,16 +318,115 @@ class ZImageDiT(nn.Module):
         img_rope = rope_frequencies(img_pos, self.cfg.axes_dims, self.cfg.rope_theta)
         cap_rope = rope_frequencies(cap_pos, self.cfg.axes_dims, self.cfg.rope_theta)
 
+        ckpt = self.gradient_checkpointing
         for block in self.noise_refiner:
-            x = block(x, img_rope, None, c)
+            x = run_block(block, ckpt, x, img_rope, None, c)
         cap_mask = key_padding_mask(cap_padded_lens, n_cap)
         for block in self.context_refiner:
-            cap = block(cap, cap_rope, cap_mask)
+            cap = run_block(block, ckpt, cap, cap_rope, cap_mask)
 
         # One stream: [image | caption]; batch padding sits at the end, so masking it is a length mask.
         h = torch.cat([x, cap], dim=1)
         rope = torch.cat([img_rope, cap_rope], dim=1)
         mask = key_padding_mask(n_image_padded + cap_padded_lens, h.shape[1])
         for block in self.layers:
-            h = block(h, rope, mask, c)
+            h = run_block(block, ckpt, h, rope, mask, c)
         return h[:, :n_image]
+
+
+# ----------------------------------------------------------------------------------------------------
+# L2P: the Detailer Head and the pixel-space model (paper section 3.3, Table 3; released code)
+
+HEAD_WIDTHS = (64, 128, 256, 512)  # paper Table 3: 3 -> 64 -> 128 -> 256 -> 512, pooled 16x
+HEAD_POOL = 2 ** len(HEAD_WIDTHS)  # the head's bottleneck sits at H/16: one cell per 16-px token
+
+
+def conv_silu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), nn.SiLU())
+
+
+class DetailerHead(nn.Module):
+    """Full-image conv U-Net that turns the DiT's token features into a full-resolution prediction.
+
+    Encoder: Conv3x3 + SiLU per stage, then MaxPool 2 (H -> H/16). Bottleneck: concat with the last main
+    block's raw image tokens as a (B, dim, H/16, W/16) map, Conv1x1 + SiLU. Decoder: nearest x2 upsample +
+    Conv3x3, concat the pre-pool skip, Conv3x3 + SiLU. Output: Conv1x1 -> 3. No norms and no time input:
+    the DiT features carry the timestep. Layer names follow the released `MicroDiffusionModel`.
+    Stages are checkpointed when `gradient_checkpointing` is set: full-resolution activations dominate.
+    """
+
+    def __init__(self, channels: int, feature_dim: int, widths: tuple[int, ...] = HEAD_WIDTHS):
+        super().__init__()
+        if len(widths) != len(HEAD_WIDTHS):
+            raise ValueError(f"Detailer Head: {len(HEAD_WIDTHS)} stages expected (16x pooling), got widths {widths}")
+        w = (channels,) + tuple(widths)
+        for i in range(1, len(w)):
+            self.add_module(f"enc{i}", conv_silu(w[i - 1], w[i], 3))
+            # up_i keeps the width of its input; dec_i fuses the skip and narrows to the next stage's width
+            self.add_module(f"up{i}", nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                                    nn.Conv2d(w[i], w[i], 3, padding=1)))
+            self.add_module(f"dec{i}", conv_silu(2 * w[i], w[max(i - 1, 1)], 3))
+        self.bottleneck = conv_silu(widths[-1] + feature_dim, widths[-1], 1)
+        self.out_conv = nn.Conv2d(widths[0], channels, 1)
+        self.stages = len(widths)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """x: noisy image (B, C, H, W); features: (B, dim, h, w), nearest-resized to (H/16, W/16) if needed."""
+        ckpt = self.gradient_checkpointing
+        skips = []
+        for i in range(1, self.stages + 1):
+            x = run_block(getattr(self, f"enc{i}"), ckpt, x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        if features.shape[-2:] != x.shape[-2:]:
+            features = F.interpolate(features, size=x.shape[-2:], mode="nearest")
+        x = self.bottleneck(torch.cat([x, features.to(x.dtype)], dim=1))
+        for i in range(self.stages, 0, -1):
+            x = run_block(getattr(self, f"up{i}"), ckpt, x)
+            x = run_block(getattr(self, f"dec{i}"), ckpt, torch.cat([x, skips[i - 1]], dim=1))
+        return self.out_conv(x)
+
+
+@dataclass(frozen=True)
+class PixelConfig:
+    """The pixel model: a source backbone config with RGB patch embedders instead of latent ones, no final
+    layer, and the Detailer Head's widths."""
+
+    backbone: ZImageConfig
+    head_widths: tuple[int, ...] = HEAD_WIDTHS
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PixelConfig":
+        return cls(ZImageConfig.from_dict(d["backbone"]), tuple(d.get("head_widths", HEAD_WIDTHS)))
+
+    def to_dict(self) -> dict:
+        return {"backbone": self.backbone.to_dict(), "head_widths": list(self.head_widths)}
+
+
+class PixelDiT(nn.Module):
+    """L2P's pixel-space model: RGB patches -> the source backbone's blocks -> Detailer Head -> velocity.
+
+    It keeps the source's native time and output sign (paper: the frozen blocks stay in their native
+    optimisation manifold), so `forward` speaks the project convention exactly as the backbone does.
+    """
+
+    def __init__(self, cfg: PixelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = ZImageDiT(cfg.backbone)
+        self.detailer_head = DetailerHead(cfg.backbone.in_channels, cfg.backbone.dim, cfg.head_widths)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.backbone.gradient_checkpointing = enabled
+        self.detailer_head.gradient_checkpointing = enabled
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: list[torch.Tensor], patch: int | None = None):
+        """Velocity `noise - x0` for images x (B, 3, H, W) in [-1, 1], sigma (B,), captions [(L_i, cap_dim)]."""
+        patch = patch or self.cfg.backbone.all_patch_size[0]
+        grid = (x.shape[2] // patch, x.shape[3] // patch)
+        c = self.backbone.condition(sigma)
+        tokens = self.backbone.all_x_embedder[f"{patch}-1"](patchify(x.to(c.dtype), patch))
+        h = self.backbone.transform(tokens, grid, c, captions)
+        features = h.unflatten(1, grid).permute(0, 3, 1, 2)  # (B, h*w, dim) -> (B, dim, h, w)
+        return self.backbone.VELOCITY_SIGN * self.detailer_head(x.to(c.dtype), features)

@@ -14,6 +14,7 @@ an image depends on its own seed only: not on batch size, world size or device.
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +25,16 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import hub
+import transfer
 from tokenizer import encode_prompts
 
 # Recommended inference of a Z-Image-Turbo source (its model card): 8 steps, no guidance.
 SOURCE_STEPS = 8
 SOURCE_GUIDANCE = 1.0
+# The released L2P inference defaults (inference.py / app.py): 30 Euler steps, CFG 2.0, shift 3.
+PIXEL_STEPS = 30
+PIXEL_GUIDANCE = 2.0
+PIXEL_SHIFT = 3.0
 # diffusers FlowMatchEulerDiscreteScheduler defaults for the resolution-dependent shift (mu)
 BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 UNSUPPORTED_SCHEDULER_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
@@ -112,6 +118,15 @@ def check_size(height: int, width: int, multiple: int, what: str) -> None:
             raise ValueError(f"{name} {v} is not a positive multiple of {multiple} ({what})")
 
 
+def denoise(model, text_encoder, tokenizer, prompts: list[str], x: torch.Tensor, sigmas: torch.Tensor,
+            guidance: float, negative_prompt: str = "", progress: bool = False) -> torch.Tensor:
+    """Encode the prompts (and the negative prompt when guiding), then integrate from noise x to data."""
+    cond = encode_prompts(text_encoder, tokenizer, prompts)
+    uncond = encode_prompts(text_encoder, tokenizer, [negative_prompt] * len(prompts)) if guidance != 1 else None
+    x = x.to(next(model.parameters()).device)
+    return euler_sample(lambda x, s: guided_velocity(model, x, s, cond, uncond, guidance), x, sigmas, progress)
+
+
 @torch.no_grad()
 def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int], height: int, width: int,
                   steps: int = SOURCE_STEPS, guidance: float = SOURCE_GUIDANCE, negative_prompt: str = "",
@@ -120,15 +135,28 @@ def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int]
     vae, dit = pipe.vae, pipe.transformer
     patch = dit.cfg.all_patch_size[0]
     check_size(height, width, vae.cfg.downsample * patch, f"VAE factor {vae.cfg.downsample} x patch {patch}")
-    device = next(dit.parameters()).device
-    cond = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts)
-    uncond = encode_prompts(pipe.text_encoder, pipe.tokenizer, [negative_prompt] * len(prompts)) if guidance != 1 else None
     shape = (dit.cfg.in_channels, height // vae.cfg.downsample, width // vae.cfg.downsample)
-    x = (initial_noise(seeds, shape) if latents is None else latents).to(device)
+    x = initial_noise(seeds, shape) if latents is None else latents
     sigmas = source_sigmas(steps, pipe.scheduler, (shape[1] // patch) * (shape[2] // patch))
-    x = euler_sample(lambda x, s: guided_velocity(dit, x, s, cond, uncond, guidance), x, sigmas, progress)
+    x = denoise(dit, pipe.text_encoder, pipe.tokenizer, prompts, x, sigmas, guidance, negative_prompt, progress)
     images = vae.decode(x.to(next(vae.parameters()).dtype)).float()
     return (images / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample_pixels(model, text_encoder, tokenizer, prompts: list[str], seeds: list[int], height: int, width: int,
+                  steps: int = PIXEL_STEPS, guidance: float = PIXEL_GUIDANCE, shift: float = PIXEL_SHIFT,
+                  negative_prompt: str = "", noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from an L2P pixel model: Euler directly on RGB, no VAE.
+
+    Schedule of the released sampler: sigmas = shift(linspace(1, 1/steps, steps)) then 0, shift 3 at 1K.
+    """
+    patch = model.cfg.backbone.all_patch_size[0]
+    check_size(height, width, patch, f"the pixel patch size {patch}")
+    x = initial_noise(seeds, (3, height, width)) if noise is None else noise
+    sigmas = source_sigmas(steps, {"shift": shift}, (height // patch) * (width // patch))
+    x = denoise(model, text_encoder, tokenizer, prompts, x, sigmas, guidance, negative_prompt, progress)
+    return (x / 2 + 0.5).clamp(0, 1)
 
 
 def generate(ckpt: str, prompt: str, seed: int = 42, height: int = 1024, width: int = 1024,
@@ -189,48 +217,88 @@ def read_prompt_file(path: Path) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="source model: hub id (owner/name) or diffusers folder")
-    p.add_argument("--transformer", help="replace the source's transformer with this folder or single file")
+    p.add_argument("--ckpt", required=True,
+                   help="an L2P checkpoint (train.py run folder, trained-tensor or standalone file, or the official "
+                        "release, e.g. zhen-nan/L2P/model-1k-merge.safetensors), or a latent source pipeline "
+                        "(hub id or diffusers folder)")
+    p.add_argument("--source", help="L2P: where base weights and the text encoder come from (default: as recorded)")
+    p.add_argument("--transformer", help="latent source: replace its transformer with this folder or single file")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts", type=Path, help="prompt file: plain text, one per line, or JSONL with 'prompt'")
     p.add_argument("--negative-prompt", default="", help="negative prompt for guidance (default: empty)")
     p.add_argument("--h", type=int, default=1024, help="image height in pixels")
     p.add_argument("--w", type=int, default=1024, help="image width in pixels")
-    p.add_argument("--steps", type=int, default=SOURCE_STEPS, help="Euler steps")
-    p.add_argument("--guidance", type=float, default=SOURCE_GUIDANCE, help="classifier-free guidance; 1 = off")
+    p.add_argument("--steps", type=int, help=f"Euler steps (default: {PIXEL_STEPS} for L2P, {SOURCE_STEPS} for a source)")
+    p.add_argument("--guidance", type=float,
+                   help=f"classifier-free guidance, 1 = off (default: {PIXEL_GUIDANCE} for L2P, {SOURCE_GUIDANCE} for a source)")
+    p.add_argument("--shift", type=float, default=PIXEL_SHIFT, help="L2P: flow shift of the schedule")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (consecutive seeds)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward batch")
+    p.add_argument("--no-ema", action="store_true", help="L2P run folder: use the raw weights, not the EMA")
     p.add_argument("--out", type=Path, default=Path("sample.png"), help="a .png file (one image) or a folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
     return p.parse_args(argv)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: readers see the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def writable_folder(folder: Path, flag: str = "--out") -> Path:
+    """Create the folder and prove it takes files, before any heavy work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+    return folder
+
+
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     prompts = (args.prompt or []) + (read_prompt_file(args.prompts) if args.prompts else [])
     if not prompts:
-        raise SystemExit("give --prompt or --prompts")
-    if args.out.suffix == ".png" and len(prompts) > 1:
-        raise SystemExit(f"--out {args.out} is one file but there are {len(prompts)} prompts: give a folder")
-    if args.steps < 1 or args.batch_size < 1:
-        raise SystemExit("--steps and --batch-size must be at least 1")
+        raise ValueError("give --prompt or --prompts")
+    jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.images_per_prompt))]
+    single = args.out.suffix == ".png"
+    if single and len(jobs) > 1:
+        raise ValueError(f"--out {args.out} is one file but there are {len(jobs)} images: give a folder")
+    if min(args.steps or 1, args.batch_size, args.images_per_prompt) < 1:
+        raise ValueError("--steps, --batch-size and --images-per-prompt must be at least 1")
+    folder = writable_folder(args.out.parent if single else args.out)
     device, dtype = pick_device_dtype(args.device, args.dtype)
     root = hub.resolve(args.ckpt)
-    check_size(args.h, args.w, hub.latent_pixel_multiple(root, args.transformer), "pixels per latent token")
-    pipe = hub.load_pipeline(args.ckpt, dtype, device, transformer=args.transformer)
-    folder = args.out if args.out.suffix != ".png" else args.out.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    latent = root.is_dir() and (root / "model_index.json").is_file()
+    steps = args.steps or (SOURCE_STEPS if latent else PIXEL_STEPS)
+    guidance = args.guidance if args.guidance is not None else (SOURCE_GUIDANCE if latent else PIXEL_GUIDANCE)
+    if latent:
+        check_size(args.h, args.w, hub.latent_pixel_multiple(root, args.transformer), "pixels per latent token")
+        pipe = hub.load_pipeline(args.ckpt, dtype, device, transformer=args.transformer)
+        run = lambda batch, seeds: sample_latent(pipe, batch, seeds, args.h, args.w, steps, guidance,  # noqa: E731
+                                                 args.negative_prompt, progress=True)
+    else:
+        check_size(args.h, args.w, transfer.PIXEL_PATCH, "the pixel patch size")
+        model, meta = transfer.load_pixel_model(args.ckpt, dtype, device, source=args.source, ema=not args.no_ema)
+        text = hub.load_pipeline(meta["source"]["id"], dtype, device, parts=("text",))
+        run = lambda batch, seeds: sample_pixels(model, text.text_encoder, text.tokenizer, batch, seeds,  # noqa: E731
+                                                 args.h, args.w, steps, guidance, args.shift, args.negative_prompt,
+                                                 progress=True)
     written = []
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        seeds = [args.seed + start + i for i in range(len(batch))]
-        images = sample_latent(pipe, batch, seeds, args.h, args.w, args.steps, args.guidance, args.negative_prompt,
-                               progress=True)
-        for i, (prompt, seed, image) in enumerate(zip(batch, seeds, images)):
-            path = args.out if args.out.suffix == ".png" else folder / f"{start + i:05d}.png"
-            settings = dict(prompt=prompt, seed=seed, ckpt=args.ckpt, steps=args.steps, guidance=args.guidance,
-                            negative_prompt=args.negative_prompt, height=args.h, width=args.w)
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start : start + args.batch_size]
+        images = run([p for p, _ in batch], [s for _, s in batch])
+        for i, ((prompt, seed), image) in enumerate(zip(batch, images)):
+            path = args.out if single else folder / f"{start + i:05d}.png"
+            settings = dict(prompt=prompt, seed=seed, ckpt=args.ckpt, steps=steps, guidance=guidance,
+                            negative_prompt=args.negative_prompt, height=args.h, width=args.w,
+                            shift=None if latent else args.shift)
             save_png(to_pil(image), path, settings)
             written.append(path)
             print(f"wrote {path}", file=sys.stderr)

@@ -70,7 +70,7 @@ def test_sharded_and_original_layouts_equal_plain_folder(pipeline_dir, sharded_t
 
 
 def test_pipeline_accepts_an_original_single_file_transformer(pipeline_dir, original_transformer_file):
-    pipe = hub.load_pipeline(str(pipeline_dir), with_vae=False, transformer=str(original_transformer_file))
+    pipe = hub.load_pipeline(str(pipeline_dir), parts=("transformer", "text"), transformer=str(original_transformer_file))
     assert "layers.0.attention.to_q.weight" in pipe.transformer.state_dict()
 
 
@@ -170,7 +170,7 @@ def test_missing_weights_and_tokenizer(pipeline_copy):
         hub.load_pipeline(str(pipeline_copy))
     with pytest.raises(hub.CheckpointError, match="tokenizer: no tokenizer.json"):
         (pipeline_copy / "tokenizer" / "tokenizer.json").unlink()
-        hub.load_pipeline(str(pipeline_copy), with_vae=False)
+        hub.load_pipeline(str(pipeline_copy), parts=("transformer", "text"))
 
 
 def test_single_file_that_is_not_zimage(tmp_path):

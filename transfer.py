@@ -1,0 +1,298 @@
+"""Latent -> pixel: the L2P transfer (paper section 3.3), the freeze plan, and L2P checkpoints.
+
+    transfer:   copy every source tensor whose name and shape match (bit-exact), add the RGB patch embedder
+                (Linear 16*16*3 -> dim) and the Detailer Head with PyTorch's default init, drop the source's
+                final layer (the released L2P_convert_weight.py does exactly this).
+    freeze:     a declarative plan of what trains; defaults equal the released code (main blocks 0-4 and
+                25-29, both refiners, t/caption embedders, pad tokens), `paper` is the paper's literal list
+                (first and last n blocks only), `full` is full fine-tuning. The new layers always train.
+    checkpoints: safetensors holding the trained tensors only, with the pixel config, the freeze plan and the
+                source's id, revision and weight hash in the metadata; loaded as source + trained tensors with
+                no merge step. `export` writes one standalone file; the official release file
+                (zhen-nan/L2P, model-1k-merge.safetensors) loads too.
+
+    python transfer.py --ckpt Tongyi-MAI/Z-Image-Turbo                   # parameter counts of the plan
+    python transfer.py --export out/run --out l2p-standalone.safetensors  # one file, no source needed
+"""
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import hub
+from model import HEAD_WIDTHS, PixelConfig, PixelDiT, ZImageConfig, ZImageDiT
+
+PIXEL_PATCH = 16  # 16x16 RGB patches: the same token grid as the latent model (VAE 8x, DiT patch 2)
+CHECKPOINT_FORMAT = "l2p/1"
+OFFICIAL_RELEASE = "zhen-nan/L2P/model-1k-merge.safetensors"
+OFFICIAL_TEXT_SOURCE = "Tongyi-MAI/Z-Image-Turbo"  # the release holds the DiT only; its text side is the source's
+
+
+# ----------------------------------------------------------------------------------------------------
+# Freeze plan
+
+
+@dataclass(frozen=True)
+class FreezePlan:
+    """Which parts of the pixel model train. The patch embedders and the Detailer Head always do."""
+
+    first_blocks: int = 5
+    last_blocks: int = 5
+    refiners: bool = True  # noise_refiner and context_refiner
+    embedders: bool = True  # t_embedder and cap_embedder
+    pad_tokens: bool = True  # x_pad_token and cap_pad_token
+    all_blocks: bool = False  # full fine-tuning: everything trains
+
+    def trains(self, name: str, n_layers: int) -> bool:
+        """Whether the parameter `name` of a PixelDiT trains under this plan."""
+        part = name.split(".")
+        if part[0] == "detailer_head" or part[1] == "all_x_embedder" or self.all_blocks:
+            return True
+        if part[1] == "layers":
+            block = int(part[2])
+            return block < self.first_blocks or block >= n_layers - self.last_blocks
+        rules = {"noise_refiner": self.refiners, "context_refiner": self.refiners, "t_embedder": self.embedders,
+                 "cap_embedder": self.embedders, "x_pad_token": self.pad_tokens, "cap_pad_token": self.pad_tokens}
+        if part[1] not in rules:
+            raise ValueError(f"freeze plan: no rule for parameter {name}")
+        return rules[part[1]]
+
+
+FREEZE_PLANS = {
+    "released": FreezePlan(),
+    "paper": FreezePlan(refiners=False, embedders=False, pad_tokens=False),
+    "full": FreezePlan(all_blocks=True),
+}
+
+
+def make_plan(name: str, blocks: int) -> FreezePlan:
+    if name not in FREEZE_PLANS:
+        raise ValueError(f"--freeze {name!r}: expected one of {', '.join(FREEZE_PLANS)}")
+    return replace(FREEZE_PLANS[name], first_blocks=blocks, last_blocks=blocks)
+
+
+def apply_freeze_plan(model: PixelDiT, plan: FreezePlan) -> tuple[int, int]:
+    """Set requires_grad per the plan; returns (trainable, total) parameter counts."""
+    n_layers = model.cfg.backbone.n_layers
+    for name, p in model.named_parameters():
+        p.requires_grad_(plan.trains(name, n_layers))
+    return count_parameters(model)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trained_names(model: PixelDiT) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transfer
+
+
+def pixel_config(source: ZImageConfig, head_widths=HEAD_WIDTHS, patches=(PIXEL_PATCH,)) -> PixelConfig:
+    """The source's backbone with RGB patch embedders and no final layer."""
+    backbone = replace(source, in_channels=3, all_patch_size=tuple(patches), all_f_patch_size=(1,) * len(patches),
+                       final_layer=False)
+    return PixelConfig(backbone, tuple(head_widths))
+
+
+def transfer(source: ZImageDiT, plan: FreezePlan = FreezePlan(), head_widths=HEAD_WIDTHS, seed: int = 0,
+             verbose: bool = True) -> PixelDiT:
+    """The pixel model: source tensors copied where name and shape match, new layers at default init (seeded),
+    the freeze plan applied. New tensors are float32; copied ones keep the source's dtype and device."""
+    cfg = pixel_config(source.cfg, head_widths)
+    torch.manual_seed(seed)
+    model = PixelDiT(cfg)
+    source_state = source.state_dict()
+    copied, new = 0, []
+    with torch.no_grad():
+        for name, param in model.backbone.named_parameters():
+            src = source_state.get(name)
+            if src is not None and src.shape == param.shape:
+                param.data = src.clone()  # bit-exact, in the source's dtype
+                copied += 1
+            else:
+                new.append(name)
+    dropped = [k for k in source_state if k not in dict(model.backbone.named_parameters())]
+    device = next(source.parameters()).device
+    model.to(device)
+    trainable, total = apply_freeze_plan(model, plan)
+    if verbose:
+        print(f"transfer: copied {copied} source tensors; new: {len(new)} backbone tensors "
+              f"({', '.join(sorted({n.rsplit('.', 1)[0] for n in new}))}) and the Detailer Head; "
+              f"dropped {len(dropped)} ({', '.join(sorted({k.split('.')[0] for k in dropped}))})")
+        print(f"transfer: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """safetensors with JSON metadata values, written to a temporary name and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
+    tmp.replace(path)
+
+
+def read_metadata(path: Path) -> dict:
+    """The JSON metadata of one of our safetensors files ({} for any other safetensors file)."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    if json.loads(raw.get("format", "null")) != CHECKPOINT_FORMAT:
+        return {}
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+def save_trained(path: Path, model: PixelDiT, plan: FreezePlan, source: dict, tensors=None, **extra) -> None:
+    """The trained tensors only (or `tensors`, e.g. their EMA, under the same names) plus what rebuilds the rest."""
+    params = dict(model.named_parameters())
+    tensors = tensors if tensors is not None else {n: params[n] for n in trained_names(model)}
+    metadata = {"format": CHECKPOINT_FORMAT, "kind": "trained", "config": model.cfg.to_dict(),
+                "freeze_plan": asdict(plan), "source": source} | extra
+    atomic_save({n: t.float() for n, t in tensors.items()}, path, metadata)
+
+
+def export_standalone(model: PixelDiT, path: Path, source: dict, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Every tensor of the pixel model in one file: samples with only the source's text encoder."""
+    metadata = {"format": CHECKPOINT_FORMAT, "kind": "standalone", "config": model.cfg.to_dict(), "source": source}
+    atomic_save({n: t.to(dtype) for n, t in model.state_dict().items()}, path, metadata)
+
+
+def from_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The release's names (Z-Image keys, all_x_embedder.16-1.*, local_decoder.*) -> ours."""
+    return {k.replace("local_decoder.", "detailer_head.", 1) if k.startswith("local_decoder.") else f"backbone.{k}": v
+            for k, v in tensors.items()}
+
+
+def official_config(tensors: dict[str, torch.Tensor]) -> PixelConfig:
+    """Sizes from tensor shapes (the release ships no config), Z-Image's values for the rest."""
+    latent_like = {k.replace(f"all_x_embedder.{PIXEL_PATCH}-1.", "all_x_embedder.2-1."): v for k, v in tensors.items()}
+    source = hub.zimage_config_from_tensors(latent_like)
+    widths = tuple(tensors[f"local_decoder.enc{i}.0.weight"].shape[0] for i in range(1, len(HEAD_WIDTHS) + 1))
+    return pixel_config(source, widths)
+
+
+def is_official_release(tensors: dict) -> bool:
+    return any(k.startswith("local_decoder.") for k in tensors) and f"all_x_embedder.{PIXEL_PATCH}-1.weight" in tensors
+
+
+def latest_checkpoint(folder: Path, ema: bool = True) -> Path:
+    """A training run folder -> its latest checkpoint file (the EMA weights when present and wanted)."""
+    pointer = folder / "latest"
+    if not pointer.is_file():
+        raise hub.CheckpointError(f"{folder}: no `latest` file, so not a training run folder of train.py")
+    step_dir = folder / pointer.read_text().strip()
+    path = step_dir / "ema.safetensors"
+    return path if ema and path.is_file() else step_dir / "model.safetensors"
+
+
+def load_pixel_model(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *, source: str | None = None,
+                     ema: bool = True) -> tuple[PixelDiT, dict]:
+    """An L2P model from: our trained-tensors file (+ its source), a training run folder, a standalone export,
+    or the official release (a local file, or owner/name/file.safetensors on the hub).
+
+    Returns the model (frozen, eval) and its metadata; metadata["source"]["id"] names where the text encoder
+    comes from. `source` overrides that id; for trained-tensor files it must hold the same transformer weights.
+    """
+    path = hub.resolve(ckpt)
+    if path.is_dir():
+        path = latest_checkpoint(path, ema)
+    meta = read_metadata(path)
+    if meta.get("kind") == "trained":
+        return load_trained(path, meta, dtype, device, source), meta
+    tensors = hub.read_tensors(path, device)
+    if meta.get("kind") == "standalone":
+        cfg = PixelConfig.from_dict(meta["config"])
+    elif is_official_release(tensors):
+        cfg, tensors = official_config(tensors), from_official(tensors)
+        meta = {"kind": "official", "source": {"id": OFFICIAL_TEXT_SOURCE, "revision": None}}
+    else:
+        raise hub.CheckpointError(f"{path}: not an L2P checkpoint (no l2p metadata, and no local_decoder.* and "
+                                  f"all_x_embedder.{PIXEL_PATCH}-1.weight keys of the official release)")
+    if source:
+        meta["source"] = {"id": source, "revision": None}
+    model = hub.load_module(lambda: PixelDiT(cfg), tensors, path, dtype, device)
+    return model, meta
+
+
+def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> PixelDiT:
+    """Source transformer -> transfer -> the trained tensors on top. No merge step, nothing written."""
+    recorded = meta["source"]
+    pipe = hub.load_pipeline(source or recorded["id"], dtype, device, parts=("transformer",))
+    if pipe.transformer_sha256 != recorded["transformer_sha256"]:
+        raise hub.CheckpointError(
+            f"{path}: trained on source {recorded['id']} whose transformer weights hash to "
+            f"{recorded['transformer_sha256'][:12]}…, but {pipe.name} hashes to {pipe.transformer_sha256[:12]}…: "
+            "these trained tensors belong to other base weights")
+    cfg = PixelConfig.from_dict(meta["config"])
+    plan = FreezePlan(**meta["freeze_plan"])
+    if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.backbone.all_patch_size):
+        raise hub.CheckpointError(f"{path}: its pixel config does not follow from source {pipe.name}")
+    model = transfer(pipe.transformer, plan, cfg.head_widths, verbose=False)
+    trained = hub.read_tensors(path, device)
+    expected = set(trained_names(model))
+    if set(trained) != expected:
+        missing, extra = sorted(expected - set(trained)), sorted(set(trained) - expected)
+        raise hub.CheckpointError(f"{path}: trained tensors do not match its freeze plan: {len(missing)} missing "
+                                  f"(e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in trained.items():
+            params[name].data = t.to(dtype)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="source model (hub id or diffusers folder): print the plan's parameter counts")
+    p.add_argument("--freeze", default="released", help="freeze plan: released (default), paper or full")
+    p.add_argument("--blocks", type=int, default=5, help="main blocks trained at each end (n in the paper)")
+    p.add_argument("--export", help="an L2P checkpoint or training run folder to export as one standalone file")
+    p.add_argument("--out", type=Path, help="output file of --export")
+    p.add_argument("--dtype", default="bf16", help="dtype of the exported tensors: bf16, fp16 or fp32")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.export:
+        if not args.out:
+            raise SystemExit("--export needs --out FILE")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        model, meta = load_pixel_model(args.export)
+        export_standalone(model, args.out, meta["source"], dtype)
+        print(f"wrote {args.out}")
+    elif args.ckpt:
+        with torch.device("meta"):  # counts only: no weights are read
+            cfg = ZImageConfig.from_dict(hub.read_json(hub.resolve(args.ckpt, ["transformer/config.json"]) /
+                                                       "transformer" / "config.json"))
+            model = PixelDiT(pixel_config(cfg))
+        trainable, total = apply_freeze_plan(model, make_plan(args.freeze, args.blocks))
+        print(f"{args.freeze} plan, n = {args.blocks}: trainable parameters {trainable:,} of {total:,} "
+              f"({100 * trainable / total:.1f}%)")
+    else:
+        raise SystemExit("give --ckpt (counts) or --export with --out")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, hub.CheckpointError) as e:
+        raise SystemExit(f"error: {e}")
