@@ -1,6 +1,7 @@
 """Benchmarks that print numbers (a markdown table, and JSON with --json), never timed unit tests.
 
     python bench.py dit      # our Z-Image DiT forward vs diffusers' on the same weights
+    python bench.py train    # a training step under each freeze plan: time, gradients, optimizer state, peak memory
 
 Each comparison runs both sides in one process on the same weights and inputs, interleaved, and reports
 medians and their ratio: these machines are noisy, ratios measured side by side are not. The reference
@@ -9,7 +10,9 @@ libraries (diffusers) come from requirements-dev.txt; they are imported here onl
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +20,9 @@ from pathlib import Path
 import torch
 
 import hub
+import train
+import transfer
+from model import ZImageConfig, ZImageDiT
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -58,6 +64,64 @@ def bench_dit(args) -> dict:
             "ours_s": ours_s, "diffusers_s": ref_s, "ratio": ours_s / ref_s}
 
 
+def train_step_child(args) -> dict:
+    """One plan, in its own process so its peak memory is its own: a Z-Image-shaped source (30 main blocks,
+    2 + 2 refiners, a narrow width), transferred and trained for a few steps on random images."""
+    torch.manual_seed(0)
+    head_dim = args.dim // args.heads
+    source = ZImageDiT(ZImageConfig(dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, cap_feat_dim=args.dim,
+                                    axes_dims=(head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = transfer.transfer(source.to(device), transfer.make_plan(args.plan, 5), (8, 16, 32, 64), verbose=False)
+    model.set_gradient_checkpointing(args.grad_ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.PAPER_LR, weight_decay=train.PAPER_WEIGHT_DECAY)
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(args.batch, 3, args.size, args.size, generator=g) * 2 - 1).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    captions = [torch.randn(args.caption_tokens, args.dim, generator=g).to(device) for _ in range(args.batch)]
+    sigma = torch.full((args.batch,), 0.5, device=device)
+    times = []
+    for i in range(args.steps + 1):  # the first step allocates the optimizer state: not timed
+        start = time.perf_counter()
+        train.flow_matching_loss(model, x0, noise, sigma, captions).backward()
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+    trainable, total = transfer.count_parameters(model)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"plan": args.plan, "trainable": trainable, "total": total, "grad_mb": grad_bytes / 2**20,
+            "optimizer_mb": state_bytes / 2**20, "peak_mb": peak / 2**20,
+            "step_s": statistics.median(times[1:]), "device": device.type}
+
+
+def bench_train(args) -> list[dict]:
+    rows = []
+    for plan in ("released", "paper", "full"):
+        cmd = [sys.executable, __file__, "train", "--child", "--plan", plan, "--dim", str(args.dim), "--heads",
+               str(args.heads), "--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch)]
+        done = subprocess.run(cmd + (["--grad-ckpt"] if args.grad_ckpt else []), capture_output=True, text=True,
+                              check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    full = rows[-1]
+    for row in rows:
+        row["trainable_share"] = row["trainable"] / row["total"]
+        row["optimizer_vs_full"] = row["optimizer_mb"] / full["optimizer_mb"]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|" + "---|" * len(rows[0]))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -70,12 +134,24 @@ def main(argv=None):
     dit.add_argument("--batch", type=int, default=2)
     dit.add_argument("--repeats", type=int, default=7)
     dit.add_argument("--workdir", default="/tmp/l2p-bench")
+    tr = sub.add_parser("train", help="training step per freeze plan (released, paper, full): memory and time")
+    tr.add_argument("--dim", type=int, default=384, help="backbone width (30 main blocks as Z-Image)")
+    tr.add_argument("--heads", type=int, default=6)
+    tr.add_argument("--size", type=int, default=256, help="image side in pixels (16-px patches)")
+    tr.add_argument("--caption-tokens", type=int, default=64)
+    tr.add_argument("--batch", type=int, default=1)
+    tr.add_argument("--steps", type=int, default=3, help="timed steps after one untimed step")
+    tr.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
+    tr.add_argument("--plan", default="released", help=argparse.SUPPRESS)
+    tr.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = p.parse_args(argv)
-    result = {"dit": bench_dit}[args.what](args)
-    print("| " + " | ".join(result) + " |")
-    print("|" + "---|" * len(result))
-    print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in result.values()) + " |")
+    if args.what == "train" and args.child:
+        print(json.dumps(train_step_child(args)))
+        return None
+    result = {"dit": bench_dit, "train": bench_train}[args.what](args)
+    rows = result if isinstance(result, list) else [result]
+    print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

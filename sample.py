@@ -8,7 +8,8 @@ Each source model's native convention is adapted inside its backbone's `forward`
 Noise is drawn per image from a CPU generator seeded with that image's seed (`--seed` + image index), so
 an image depends on its own seed only: not on batch size, world size or device.
 
-    python sample.py --ckpt Tongyi-MAI/Z-Image-Turbo --prompt "a red fox in snow" --out fox.png
+    python sample.py --ckpt runs/l2p --prompt "a red fox in snow" --out fox.png                   # L2P, pixel space
+    python sample.py --ckpt Tongyi-MAI/Z-Image-Turbo --prompt "a red fox in snow" --out fox.png  # the latent source
 """
 
 import argparse

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 import hub
 import sample
 import transfer
+from model import HEAD_WIDTHS
 from tokenizer import encode_prompts
 
 TRAIN_GRID = 500  # the released loss calls set_timesteps(500) and draws one index uniformly
@@ -43,7 +44,7 @@ TRAIN_SHIFT = 3.0
 PAPER_LR, PAPER_WEIGHT_DECAY = 5e-5, 0.01  # paper Table 3, AdamW
 # Arguments that define a run: a resume must repeat them (the rest, like --steps, may change).
 RUN_DEFINING = ("ckpt", "data", "batch_size", "world_size", "lr", "weight_decay", "warmup", "clip", "ema", "freeze",
-                "blocks", "seed", "fresh_noise")
+                "blocks", "head_widths", "seed", "fresh_noise")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,6 +99,13 @@ def global_batch(step: int, size: int, n_items: int, seed: int) -> list[tuple[in
 def training_sigmas(shift: float = TRAIN_SHIFT) -> torch.Tensor:
     """The released training grid: linspace(1, 0, 501)[:-1] = {1, 0.998, ..., 0.002}, shifted."""
     return sample.shift_sigmas(torch.linspace(1.0, 0.0, TRAIN_GRID + 1)[:-1], shift)
+
+
+def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, captions) -> torch.Tensor:
+    """Paper Eq. 5: MSE between the predicted velocity at x_sigma and noise - x0, in float32."""
+    s = sigma[:, None, None, None]
+    velocity = model((1 - s) * x0 + s * noise, sigma, captions)
+    return F.mse_loss(velocity.float(), (noise - x0).float())
 
 
 class TextFeatures:
@@ -210,6 +218,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained tensors, e.g. 0.999; 0 = off")
     p.add_argument("--freeze", default="released", help="freeze plan: released (default), paper or full")
     p.add_argument("--blocks", type=int, default=5, help="main blocks trained at each end (paper: n = 5)")
+    p.add_argument("--head-widths", default=",".join(map(str, HEAD_WIDTHS)),
+                   help="Detailer Head channels per stage (paper: 64,128,256,512)")
     p.add_argument("--fresh-noise", action="store_true", help="new noise every step instead of the image's seed")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, sigmas and new layers' init")
     p.add_argument("--grad-ckpt", default="auto", help="gradient checkpointing: auto (on with CUDA), on, off")
@@ -249,6 +259,10 @@ def train(argv=None) -> dict:
     if min(args.steps, args.batch_size, args.save_every, args.log_every) < 1:
         raise ValueError("--steps, --batch-size, --save-every and --log-every must be at least 1")
     plan = transfer.make_plan(args.freeze, args.blocks)
+    try:
+        head_widths = tuple(int(w) for w in args.head_widths.split(","))
+    except ValueError:
+        raise ValueError(f"--head-widths {args.head_widths!r}: expected 4 comma-separated integers") from None
     corpus = Corpus(args.data)
     sample.check_size(corpus.height, corpus.width, transfer.PIXEL_PATCH, f"corpus images in {args.data}")
     out = sample.writable_folder(args.out)
@@ -265,7 +279,7 @@ def train(argv=None) -> dict:
 
     # The model: source -> transfer. Trained tensors in float32 (master weights), frozen ones in compute dtype.
     source = hub.load_pipeline(args.ckpt, compute_dtype, device, parts=("transformer",))
-    model = transfer.transfer(source.transformer, plan, seed=args.seed, verbose=rank == 0)
+    model = transfer.transfer(source.transformer, plan, head_widths, seed=args.seed, verbose=rank == 0)
     del source.transformer
     for p in model.parameters():
         p.data = p.data.to(device, torch.float32 if p.requires_grad else compute_dtype)
@@ -312,12 +326,9 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
             noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws])
         else:  # the image's own seed, exactly the noise synth/sample draw for that seed
             noise = sample.initial_noise([corpus.rows[i]["seed"] for _, i in batch], tuple(x0.shape[1:]))
-        x0, noise, sigma = x0.to(device), noise.to(device), sigma.to(device)
-        x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         captions = text([corpus.rows[i]["prompt"] for _, i in batch])
         with autocast:
-            velocity = net(x_t, sigma, captions)
-        loss = F.mse_loss(velocity.float(), (noise - x0).float())
+            loss = flow_matching_loss(net, x0.to(device), noise.to(device), sigma.to(device), captions)
         loss.backward()
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(trained, args.clip)

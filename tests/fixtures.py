@@ -75,7 +75,7 @@ def tiny_zimage_transformer(seed: int = 0, **overrides):
     """diffusers ZImageTransformer2DModel at tiny width: head_dim 32 split (8, 12, 12) like Z-Image's 1/4, 3/8, 3/8."""
     from diffusers import ZImageTransformer2DModel
 
-    config = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=2,
+    config = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=4, n_refiner_layers=2,
                   n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32, rope_theta=256.0,
                   t_scale=1000.0, axes_dims=[8, 12, 12], axes_lens=[1024, 512, 512])
     config.update(overrides)

@@ -1,0 +1,339 @@
+"""The L2P recipe end to end on a tiny source: transfer, synth, train (DDP, resume), pixel sampling."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import hub
+import sample
+import synth
+import train
+import transfer
+from model import PixelDiT
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD = "8,16,32,64"  # a narrow Detailer Head keeps CPU steps fast; the layout is the paper's
+SIZE = ["--h", "64", "--w", "96"]  # a 4 x 6 token grid: 24 image tokens, padded to 32 with the pad token
+PROMPTS = ["a red circle", "a blue square on white", "three green triangles", "a yellow star above a cat"]
+
+
+def run_script(script: str, *args: str, nproc: int = 1, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """A script as a user runs it; under torchrun (gloo on CPU) when nproc > 1."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / script), *args]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, pipeline_dir, prompt_file) -> Path:
+    """8 images (4 prompts x 2 seeds) synthesised by the tiny source."""
+    out = tmp_path_factory.mktemp("corpus") / "data"
+    synth.synthesize(["--ckpt", str(pipeline_dir), "--prompts", str(prompt_file), "--out", str(out), *SIZE,
+                      "--steps", "2", "--batch-size", "3"])
+    return out
+
+
+def train_args(pipeline_dir, corpus, out, *extra) -> list[str]:
+    return ["--ckpt", str(pipeline_dir), "--data", str(corpus), "--out", str(out), "--head-widths", HEAD,
+            "--blocks", "1", "--lr", "1e-3", "--log-every", "1", *extra]
+
+
+# ----------------------------------------------------------------------------------------------------
+# transfer
+
+
+def test_transfer_copies_adds_drops_and_counts(pipeline_dir):
+    source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        model = transfer.transfer(source, transfer.make_plan("released", 1), head_widths=(8, 16, 32, 64))
+    source_state, ours = source.state_dict(), model.backbone.state_dict()
+    copied = [k for k in ours if k in source_state and source_state[k].shape == ours[k].shape]
+    assert len(copied) == len([k for k in source_state if not k.startswith(("all_final_layer.", "all_x_embedder."))])
+    assert all(torch.equal(ours[k], source_state[k]) for k in copied)
+    assert "all_x_embedder.16-1.weight" in ours and ours["all_x_embedder.16-1.weight"].shape == (64, 16 * 16 * 3)
+    assert not any(k.startswith("all_final_layer.") for k in ours)
+    assert any(k.startswith("detailer_head.bottleneck.") for k in model.state_dict())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"trainable parameters {trainable:,} of" in printed.getvalue()
+
+
+def test_freeze_plans():
+    released, paper, full = (transfer.make_plan(name, 1) for name in ("released", "paper", "full"))
+    n = 4
+    for plan in (released, paper, full):
+        assert plan.trains("detailer_head.enc1.0.weight", n) and plan.trains("backbone.all_x_embedder.16-1.weight", n)
+        assert plan.trains("backbone.layers.0.attention.to_q.weight", n)
+        assert plan.trains("backbone.layers.3.feed_forward.w1.weight", n)
+    assert not released.trains("backbone.layers.1.attention.to_q.weight", n)
+    assert not paper.trains("backbone.layers.2.attention.to_q.weight", n)
+    assert full.trains("backbone.layers.2.attention.to_q.weight", n)
+    for name in ("backbone.noise_refiner.0.attention.to_q.weight", "backbone.t_embedder.mlp.0.weight",
+                 "backbone.cap_embedder.1.weight", "backbone.x_pad_token"):
+        assert released.trains(name, n) and not paper.trains(name, n)
+    with pytest.raises(ValueError, match="--freeze 'partial': expected one of released, paper, full"):
+        transfer.make_plan("partial", 5)
+
+
+def test_one_step_changes_trained_and_keeps_frozen(pipeline_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    before = transfer.transfer(hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer,
+                               transfer.make_plan("released", 1), (8, 16, 32, 64), verbose=False)
+    train.train(train_args(pipeline_dir, corpus, out, "--steps", "1"))
+    after = load_file(out / "step-000001" / "model.safetensors")
+    assert set(after) == set(transfer.trained_names(before))
+    changed = [n for n, t in after.items() if not torch.equal(t, before.state_dict()[n])]
+    assert len(changed) > 0.9 * len(after), "an AdamW step moves every trained tensor that got a gradient"
+    state = load_file(out / "step-000001" / "state.safetensors")
+    frozen = [n for n, p in before.named_parameters() if not p.requires_grad]
+    assert frozen and not any(k.startswith(f"opt.{n}.") for n in frozen for k in state), "no state for frozen"
+    # the frozen tensors come back from the source bit for bit, with no gradient
+    model, _ = transfer.load_pixel_model(str(out), ema=False)
+    assert all(torch.equal(dict(model.named_parameters())[n], before.state_dict()[n]) for n in frozen)
+
+
+def test_frozen_tensors_get_no_gradient(pipeline_dir):
+    source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
+    model = transfer.transfer(source, transfer.make_plan("paper", 1), (8, 16, 32, 64), verbose=False)
+    x = torch.randn(1, 3, 64, 96)
+    model(x, torch.tensor([0.5]), [torch.randn(7, 32)]).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is None) != p.requires_grad or name.endswith("x_pad_token"), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints: official release, standalone export, source hash
+
+
+def to_official(model: PixelDiT) -> dict[str, torch.Tensor]:
+    """Our names -> the release's (Z-Image keys, all_x_embedder.16-1.*, local_decoder.*), in bf16 as released."""
+    out = {}
+    for k, v in model.state_dict().items():
+        k = k.replace("detailer_head.", "local_decoder.", 1) if k.startswith("detailer_head.") else k.removeprefix("backbone.")
+        out[k] = v.to(torch.bfloat16).contiguous()
+    return out
+
+
+@pytest.fixture(scope="session")
+def official_release(tmp_path_factory, pipeline_dir) -> tuple[Path, PixelDiT]:
+    """A fake of zhen-nan/L2P's model-1k-merge.safetensors from a tiny transfer: the release's names, bf16."""
+    source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
+    model = transfer.transfer(source, head_widths=(8, 16, 32, 64), verbose=False)
+    path = tmp_path_factory.mktemp("release") / "model-1k-merge.safetensors"
+    save_file(to_official(model), path)
+    model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    return path, model
+
+
+def test_official_release_file_loads_and_samples(official_release, pipeline_dir, tmp_path):
+    path, model = official_release
+    loaded, meta = transfer.load_pixel_model(str(path), source=str(pipeline_dir))
+    assert meta["kind"] == "official" and loaded.cfg == model.cfg
+    x, sigma, caps = torch.randn(2, 3, 48, 64), torch.tensor([0.3, 0.9]), [torch.randn(5, 32), torch.randn(40, 32)]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, sigma, caps), model(x, sigma, caps))
+    png = tmp_path / "official.png"
+    sample.main(["--ckpt", str(path), "--source", str(pipeline_dir), "--prompt", "a red circle", "--h", "48",
+                 "--w", "64", "--steps", "3", "--out", str(png)])
+    assert Image.open(png).size == (64, 48)
+
+
+def test_standalone_export_equals_trained_checkpoint(pipeline_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    train.train(train_args(pipeline_dir, corpus, out, "--steps", "2"))
+    standalone = tmp_path / "standalone.safetensors"
+    subprocess.run([sys.executable, "transfer.py", "--export", str(out), "--out", str(standalone), "--dtype", "fp32"],
+                   cwd=ROOT, check=True, capture_output=True)
+    a, _ = transfer.load_pixel_model(str(out))
+    b, meta = transfer.load_pixel_model(str(standalone))
+    assert meta["kind"] == "standalone" and meta["source"]["id"] == str(pipeline_dir)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# training: DDP, resume
+
+
+def test_ddp_two_ranks_equal_one_rank_with_the_same_global_batch(pipeline_dir, corpus, tmp_path):
+    """At the paper's learning rate; the weights move by far more than the tolerance, so the test can fail."""
+    paper_lr = ["--lr", str(train.PAPER_LR), "--steps", "3"]
+    two = run_script("train.py", *train_args(pipeline_dir, corpus, tmp_path / "ddp", *paper_lr, "--batch-size", "1"),
+                     nproc=2)
+    assert two.returncode == 0, two.stderr
+    one = run_script("train.py", *train_args(pipeline_dir, corpus, tmp_path / "one", *paper_lr, "--batch-size", "2"))
+    assert one.returncode == 0, one.stderr
+    a = load_file(tmp_path / "ddp" / "step-000003" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "step-000003" / "model.safetensors")
+    start = transfer.transfer(hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer,
+                              transfer.make_plan("released", 1), (8, 16, 32, 64), verbose=False).state_dict()
+    moved = max(float((b[n] - start[n]).abs().max() / b[n].abs().max()) for n in b)
+    assert moved > 1e-3, "three steps must move the weights well beyond the tolerance"
+    for name in a:
+        assert float((a[name] - b[name]).abs().max() / b[name].abs().max()) < 1e-5, name
+
+
+def test_resume_is_bit_exact(pipeline_dir, corpus, tmp_path):
+    common = ["--ema", "0.9", "--warmup", "4", "--clip", "1.0", "--save-every", "3"]
+    straight = train.train(train_args(pipeline_dir, corpus, tmp_path / "straight", "--steps", "6", *common))
+    first = train.train(train_args(pipeline_dir, corpus, tmp_path / "resumed", "--steps", "3", *common))
+    second = train.train(train_args(pipeline_dir, corpus, tmp_path / "resumed", "--steps", "6", *common))
+    assert first["step"] == 3 and second["step"] == 6
+    assert straight["losses"] == first["losses"] + second["losses"]
+    for file in ("model.safetensors", "ema.safetensors", "state.safetensors"):
+        a = load_file(tmp_path / "straight" / "step-000006" / file)
+        b = load_file(tmp_path / "resumed" / "step-000006" / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+def test_sigterm_saves_and_the_rerun_finishes(pipeline_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train.py", *train_args(pipeline_dir, corpus, out, "--steps", "500", "--save-every", "1000"),
+                      popen=True)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    stopped = int((out / "latest").read_text().split("-")[1])
+    assert 3 <= stopped < 500 and "checkpoint saved" in stderr
+    done = train.train(train_args(pipeline_dir, corpus, out, "--steps", str(stopped + 2), "--save-every", "1000"))
+    assert done["step"] == stopped + 2 and len(done["losses"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# synth
+
+
+def test_synth_under_torchrun_resumes_after_a_kill(pipeline_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"object number {i}", "category": "nature/objects"}) + "\n"
+                               for i in range(7)))
+    out = tmp_path / "data"
+    args = ["--ckpt", str(pipeline_dir), "--prompts", str(prompts), "--out", str(out), *SIZE, "--steps", "40"]
+    proc = run_script("synth.py", *args, popen=True)
+    deadline = time.time() + 120
+    while len(list(out.glob("*.png"))) < 3:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.wait()
+    made = sorted(out.glob("*.png"))
+    assert 3 <= len(made) < 14 and not (out / "metadata.jsonl").exists()
+    (out / "000006-1.png.tmp").write_bytes(b"\x89PNG half written")  # a half-written file never counts
+    mtimes = {p.name: p.stat().st_mtime_ns for p in made}
+    done = run_script("synth.py", *args, nproc=2)
+    assert done.returncode == 0, done.stderr
+    assert all((out / name).stat().st_mtime_ns == t for name, t in mtimes.items()), "finished images are kept"
+    files = sorted(p.name for p in out.glob("*.png"))
+    assert files == [f"{p:06d}-{k}.png" for p in range(7) for k in range(2)]
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == files and [r["seed"] for r in rows] == list(range(14))
+    for r in rows:
+        assert json.loads(Image.open(out / r["file"]).info["l2p"]) == r
+        assert r["prompt"] == f"object number {int(r['file'][:6])}" and r["category"] == "nature/objects"
+        assert r["transformer_sha256"] and r["steps"] == 40 and (r["height"], r["width"]) == (64, 96)
+
+
+def test_synth_image_equals_the_latent_sampler(corpus, pipeline_dir):
+    """A corpus image (made in a batch of 3) is what sample.py makes alone from the same source, prompt and
+    seed: the noise depends on the seed only; batched matmuls may round one 8-bit level differently."""
+    row = json.loads((corpus / "metadata.jsonl").read_text().splitlines()[3])
+    pipe = hub.load_pipeline(str(pipeline_dir))
+    image = sample.sample_latent(pipe, [row["prompt"]], [row["seed"]], 64, 96, steps=2)[0]
+    ours = np.asarray(sample.to_pil(image)).astype(int)
+    stored = np.asarray(Image.open(corpus / row["file"])).astype(int)
+    assert np.abs(ours - stored).max() <= 1 and (ours != stored).mean() < 0.01
+
+
+# ----------------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.slow
+def test_end_to_end_synth_train_sample(pipeline_dir, corpus, tmp_path):
+    result = train.train(train_args(pipeline_dir, corpus, tmp_path / "run", "--steps", "20", "--lr", "2e-3",
+                                    "--save-every", "20"))
+    losses = result["losses"]
+    assert len(losses) == 20 and np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5]), losses
+    png = tmp_path / "fox.png"
+    sample.main(["--ckpt", str(tmp_path / "run"), "--prompt", "a red circle", "--h", "48", "--w", "80",
+                 "--steps", "4", "--out", str(png)])
+    image = Image.open(png)
+    assert image.size == (80, 48) and json.loads(image.info["l2p"])["guidance"] == sample.PIXEL_GUIDANCE
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input: a clear error, and nothing overwritten
+
+
+def test_empty_or_missing_prompt_file(pipeline_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    for path, message in ((empty, "holds no prompt"), (tmp_path / "nope.txt", "no such file")):
+        with pytest.raises(ValueError, match=f"--prompts {path}: {message}"):
+            synth.synthesize(["--ckpt", str(pipeline_dir), "--prompts", str(path), "--out", str(tmp_path / "d")])
+    assert not (tmp_path / "d").exists()
+
+
+def test_size_not_a_multiple_of_the_patch(pipeline_dir, official_release, tmp_path):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    with pytest.raises(ValueError, match="--w 100 is not a positive multiple of 16"):
+        sample.main(["--ckpt", str(official_release[0]), "--prompt", "x", "--h", "64", "--w", "100", "--out", str(out)])
+    with pytest.raises(ValueError, match="--h 30 is not a positive multiple of 4"):
+        synth.synthesize(["--ckpt", str(pipeline_dir), "--out", str(tmp_path / "d"), "--h", "30", "--w", "32"])
+    assert out.read_bytes() == b"precious" and not (tmp_path / "d").exists()
+
+
+def test_data_folder_without_metadata(pipeline_dir, tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ValueError, match=f"--data {tmp_path / 'data'}: no metadata.jsonl"):
+        train.train(["--ckpt", str(pipeline_dir), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_trained_weights_on_another_source(pipeline_dir, corpus, tmp_path):
+    from fixtures import tiny_zimage_pipeline
+
+    other = tiny_zimage_pipeline(tmp_path / "other", seed=1)
+    train.train(train_args(pipeline_dir, corpus, tmp_path / "run", "--steps", "1"))
+    with pytest.raises(hub.CheckpointError, match=r"model.safetensors: trained on source .* whose transformer "
+                                                  r"weights hash to \w+…, but .*other hashes to"):
+        transfer.load_pixel_model(str(tmp_path / "run"), source=str(other))
+
+
+def test_output_folder_that_cannot_be_written(pipeline_dir, corpus, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=f"--out {blocker / 'data'}: cannot write there"):
+        synth.synthesize(["--ckpt", str(pipeline_dir), "--out", str(blocker / "data"), *SIZE])
+    with pytest.raises(ValueError, match=f"--out {blocker / 'run'}: cannot write there"):
+        train.train(train_args(pipeline_dir, corpus, blocker / "run"))
+    with pytest.raises(ValueError, match=f"--out {blocker}: cannot write there"):
+        sample.main(["--ckpt", str(pipeline_dir), "--prompt", "x", "--h", "32", "--w", "32",
+                     "--out", str(blocker / "x.png")])
+    assert blocker.read_text() == "not a folder"
