@@ -114,13 +114,27 @@ def test_one_step_changes_trained_and_keeps_frozen(pipeline_dir, corpus, tmp_pat
     assert all(torch.equal(dict(model.named_parameters())[n], before.state_dict()[n]) for n in frozen)
 
 
-def test_frozen_tensors_get_no_gradient(pipeline_dir):
+@pytest.mark.parametrize("plan", ["released", "paper"])
+def test_a_step_moves_trained_tensors_only(pipeline_dir, plan):
+    """In memory, one objective + AdamW step (weight decay on): frozen tensors keep their bits and get no
+    gradient; every trained tensor gets one and changes (24 image tokens are padded to 32, so even the
+    image pad token is used)."""
     source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
-    model = transfer.transfer(source, transfer.make_plan("paper", 1), (8, 16, 32, 64), verbose=False)
-    x = torch.randn(1, 3, 64, 96)
-    model(x, torch.tensor([0.5]), [torch.randn(7, 32)]).square().mean().backward()
+    model = transfer.transfer(source, transfer.make_plan(plan, 1), (8, 16, 32, 64), verbose=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(2, 3, 64, 96, generator=g) * 2 - 1, torch.randn(2, 3, 64, 96, generator=g)
+    train.flow_matching_loss(model, x0, noise, torch.tensor([0.3, 0.8]), [torch.randn(7, 32), torch.randn(40, 32)]).backward()
+    grads = {n: p.grad is not None for n, p in model.named_parameters()}
+    optimizer.step()
     for name, p in model.named_parameters():
-        assert (p.grad is None) != p.requires_grad or name.endswith("x_pad_token"), name
+        if p.requires_grad:
+            assert grads[name] and not torch.equal(p, before[name]), name
+        else:
+            assert not grads[name] and torch.equal(p, before[name]), name
+    assert sum(not p.requires_grad for p in model.parameters()) > 0
 
 
 # ----------------------------------------------------------------------------------------------------
