@@ -314,8 +314,8 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
     """The training loop from `step` to --steps; returns the per-step losses averaged over ranks."""
     trained = [p for p in model.parameters() if p.requires_grad]
     sigmas = training_sigmas()
-    autocast = (torch.autocast("cuda", dtype=compute_dtype) if device.type == "cuda" and compute_dtype != torch.float32
-                else nullcontext())
+    # bf16/fp16 autocast (on CUDA by default; `--dtype bf16` runs the same path on CPU)
+    autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
     losses, tick, tick_step = [], time.time(), step
     while step < args.steps:
         batch = global_batch(step, args.global_batch, len(corpus), args.seed)[rank * args.batch_size:(rank + 1) * args.batch_size]

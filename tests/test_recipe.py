@@ -221,6 +221,16 @@ def test_resume_is_bit_exact(pipeline_dir, corpus, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
 
 
+def test_mixed_precision_path_on_cpu(pipeline_dir, corpus, tmp_path):
+    """The CUDA recipe's dtypes on CPU: bf16 autocast, float32 master weights for trained tensors, bf16 frozen."""
+    result = train.train(train_args(pipeline_dir, corpus, tmp_path / "run", "--steps", "2", "--dtype", "bf16"))
+    assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
+    saved = load_file(tmp_path / "run" / "step-000002" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    model, _ = transfer.load_pixel_model(str(tmp_path / "run"), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 def test_sigterm_saves_and_the_rerun_finishes(pipeline_dir, corpus, tmp_path):
     out = tmp_path / "run"
     proc = run_script("train.py", *train_args(pipeline_dir, corpus, out, "--steps", "500", "--save-every", "1000"),
