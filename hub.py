@@ -14,16 +14,18 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from model import ZImageConfig, ZImageDiT
-from tokenizer import AutoencoderKL, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, VAEConfig
+from tokenizer import QWEN3_CHAT_TEMPLATE, AutoencoderKL, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, VAEConfig
 
 
 class CheckpointError(ValueError):
@@ -362,3 +364,62 @@ def load_pipeline(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *
         vae=load_vae(root / "vae", dtype, device) if "vae" in parts else None,
         scheduler=scheduler,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing a pipeline folder (the toy source model): the inverse of load_pipeline
+
+PIPELINE_COMPONENTS = {  # model_index.json entries of a ZImagePipeline
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3Model"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": ["diffusers", "ZImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+DIFFUSERS_VERSION = "0.42.1"  # the layout these files follow
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
+    floats = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(floats, path, metadata={"format": "pt"})
+
+
+def save_pipeline(folder: Path, transformer: ZImageDiT, text_encoder: dict[str, torch.Tensor], text_config: Qwen3Config,
+                  tokenizer: Tokenizer, vae: AutoencoderKL, scheduler: dict, transformer_dtype=torch.bfloat16,
+                  dtype=torch.float32) -> Path:
+    """A ZImagePipeline folder in the diffusers layout (model_index.json and one folder per component), with
+    the configs and key names the reference libraries write. `text_encoder` is a full Qwen3Model state dict
+    (the last layer and the final norm included, though Z-Image never reads them). The transformer is stored
+    in bf16 by default, as Z-Image-Turbo's is."""
+    write_json(folder / "model_index.json", {"_class_name": "ZImagePipeline", "_diffusers_version": DIFFUSERS_VERSION}
+               | PIPELINE_COMPONENTS)
+    cfg = {k: v for k, v in transformer.cfg.to_dict().items() if k != "final_layer"}
+    write_json(folder / "transformer" / "config.json", {"_class_name": "ZImageTransformer2DModel",
+                                                        "_diffusers_version": DIFFUSERS_VERSION} | cfg)
+    save_weights(transformer.state_dict(), folder / "transformer" / "diffusion_pytorch_model.safetensors",
+                 transformer_dtype)
+    blocks = len(vae.cfg.block_out_channels)
+    write_json(folder / "vae" / "config.json", {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+                                                "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * blocks,
+                                                "up_block_types": ["UpDecoderBlock2D"] * blocks, "force_upcast": True}
+               | {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(vae.cfg).items()})
+    save_weights(vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors", dtype)
+    tc = asdict(text_config)
+    write_json(folder / "text_encoder" / "config.json", {
+        "architectures": ["Qwen3Model"], "model_type": "qwen3", "hidden_act": "silu", "attention_bias": False,
+        "attention_dropout": 0.0, "max_position_embeddings": 40960, "tie_word_embeddings": True,
+        "use_sliding_window": False, "dtype": str(dtype).removeprefix("torch."),
+        "rope_parameters": {"rope_type": "default", "rope_theta": tc.pop("rope_theta")}} | tc)
+    save_weights(text_encoder, folder / "text_encoder" / "model.safetensors", dtype)
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer" / "tokenizer.json"))
+    write_json(folder / "tokenizer" / "tokenizer_config.json", {
+        "tokenizer_class": "Qwen2Tokenizer", "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+        "bos_token": None, "unk_token": None, "padding_side": "right", "add_prefix_space": False,
+        "model_max_length": 131072, "chat_template": QWEN3_CHAT_TEMPLATE})
+    write_json(folder / "scheduler" / "scheduler_config.json", {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                                "_diffusers_version": DIFFUSERS_VERSION} | scheduler)
+    return folder

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from model import RMSNorm
 
@@ -23,6 +23,23 @@ from model import RMSNorm
 # Prompt tokenization
 
 ZIMAGE_MAX_TOKENS = 512  # pipeline_z_image.py max_sequence_length
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Qwen2/Qwen3's pre-tokenizer split, as in their tokenizer.json
+QWEN_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+# Qwen3's chat template for plain turns (as tokenizer_config.json ships it, reduced to what Z-Image uses): a
+# generation prompt opens the assistant turn; enable_thinking=False (only) adds an empty think block.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
 
 
 def zimage_chat_prompt(prompt: str) -> str:
@@ -62,6 +79,23 @@ class PromptTokenizer:
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = True
         return ids, mask
+
+
+def train_qwen_style_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
+    """A small byte-level BPE with Qwen3's pipeline (NFC, regex split + byte level, the chat special tokens),
+    for toy models and test fixtures: the same tokenizer.json format a real Qwen3 repository ships."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS), special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------------

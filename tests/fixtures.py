@@ -10,21 +10,6 @@ from pathlib import Path
 
 import torch
 
-# Qwen3's chat template for plain user/system/assistant turns: a generation prompt opens the assistant
-# turn, and enable_thinking=False (only) adds an empty think block.
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-# Qwen2/Qwen3 pre-tokenizer split (as in the real tokenizer.json)
-QWEN_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 TOKENIZER_CORPUS = [
     "a red circle above a blue square on a white background",
     "two green triangles to the left of a yellow circle",
@@ -37,21 +22,10 @@ TINY_VOCAB = 400
 
 def build_qwen_tokenizer(folder: Path) -> Path:
     """A small byte-level BPE tokenizer.json shaped like Qwen3's (NFC, regex split + byte level, chat tokens)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizer import QWEN3_CHAT_TEMPLATE, train_qwen_style_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB - len(QWEN_SPECIAL_TOKENS), special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(TOKENIZER_CORPUS * 4, trainer)
-    tok.add_special_tokens(QWEN_SPECIAL_TOKENS)
     folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
+    train_qwen_style_bpe(TOKENIZER_CORPUS * 4, TINY_VOCAB).save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "Qwen2Tokenizer", "chat_template": QWEN3_CHAT_TEMPLATE, "model_max_length": 131072,
         "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "bos_token": None, "unk_token": None,

@@ -1,0 +1,445 @@
+"""The toy world: captioned coloured shapes, and ShapeEval, a GenEval-like judge of whether images follow prompts.
+
+A scene is 1-4 flat, axis-aligned shapes (circle, square, upright triangle) in 5 colours on a plain
+background. Prompts come from six GenEval categories: single object ("a square"), two objects ("a circle
+and a triangle"), counting ("three squares"), colours ("a blue circle"), position ("a circle to the left
+of a square") and colour attribution ("a red square and a green triangle"). ShapeEval finds objects by
+colour segmentation and connected components, classifies each by how much of its bounding box it fills
+(square 1, circle pi/4, triangle 1/2), and checks the prompt: the exact objects, counts, colours and
+relation. Scores are reported per category and overall (their mean), as GenEval does.
+
+The bundled source model (assets/toy-zimage) is the real Z-Image, Qwen3 and VAE architecture at tiny
+widths, built by `python shapes.py build-source`: a byte-level BPE trained on the world's prompts, a frozen
+random Qwen3 text encoder, a VAE trained on rendered images, then the latent DiT trained with flow matching.
+
+    python shapes.py eval --ckpt runs/l2p     # sample the evaluation prompts, write a grid, print ShapeEval
+    python shapes.py build-source             # rebuild assets/toy-zimage (about an hour on 2 CPU cores)
+"""
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import hub
+import sample
+from model import ZImageConfig, ZImageDiT
+from tokenizer import AutoencoderKL, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, VAEConfig, encode_prompts
+from tokenizer import train_qwen_style_bpe
+
+NATIVE = 128  # the world's native image side in pixels
+BACKGROUND = (242, 240, 235)
+PALETTE = {"red": (215, 45, 45), "green": (40, 160, 70), "blue": (45, 85, 215), "yellow": (232, 190, 25),
+           "purple": (140, 65, 180)}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
+CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+OBJECT_SIZE = (22, 34)  # side of an object's bounding box at native size
+GAP = 4  # minimum free pixels between objects at native size
+
+# ShapeEval thresholds, at native size
+FOREGROUND_DISTANCE = 60  # L1 distance from the background colour that makes a pixel foreground
+COLOR_DISTANCE = 150  # L1 distance within which a pixel takes a palette colour
+MIN_AREA = 60  # smaller components are specks, not objects
+FILL_SQUARE, FILL_CIRCLE, FILL_TRIANGLE = 0.88, 0.64, 0.35  # lower bounds of bbox fill per shape
+MAX_ASPECT = 1.6  # our shapes have square bounding boxes
+POSITION_MARGIN = 4  # centroids must differ by more than this along the relation's axis
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a prompt asks for
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A prompt's content. objects: (shape, colour or None, count); relation: of objects[0] to objects[1]."""
+
+    category: str
+    objects: tuple[tuple[str, str | None, int], ...]
+    relation: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        def phrase(shape, color, count):
+            if count > 1:
+                return f"{NUMBERS[count]} {f'{color} ' if color else ''}{shape}s"
+            return f"a {f'{color} ' if color else ''}{shape}"
+
+        words = [phrase(*o) for o in self.objects]
+        if self.relation:
+            return f"{words[0]} {RELATIONS[self.relation]} {words[1]}"
+        return " and ".join(words)
+
+
+def random_spec(rng: random.Random, category: str) -> Spec:
+    colors, shapes = list(PALETTE), list(SHAPES)
+    if category == "single_object":
+        return Spec(category, ((rng.choice(shapes), None, 1),))
+    if category == "colors":
+        return Spec(category, ((rng.choice(shapes), rng.choice(colors), 1),))
+    if category == "counting":
+        return Spec(category, ((rng.choice(shapes), None, rng.choice(list(NUMBERS))),))
+    s1, s2 = rng.sample(shapes, 2)
+    if category == "two_objects":
+        return Spec(category, ((s1, None, 1), (s2, None, 1)))
+    if category == "position":
+        return Spec(category, ((s1, None, 1), (s2, None, 1)), rng.choice(list(RELATIONS)))
+    if category == "color_attr":
+        c1, c2 = rng.sample(colors, 2)
+        return Spec(category, ((s1, c1, 1), (s2, c2, 1)))
+    raise ValueError(f"unknown category {category!r}")
+
+
+def evaluation_specs(per_category: int = 10, seed: int = 1234) -> list[Spec]:
+    """The fixed evaluation set: `per_category` prompts of each category, the same every time."""
+    rng = random.Random(seed)
+    return [random_spec(rng, c) for c in CATEGORIES for _ in range(per_category)]
+
+
+def training_specs(n: int, seed: int) -> list[Spec]:
+    rng = random.Random(seed)
+    return [random_spec(rng, rng.choice(CATEGORIES)) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass(frozen=True)
+class Placed:
+    shape: str
+    color: str
+    cx: float
+    cy: float
+    size: int
+
+
+def layout(spec: Spec, rng: random.Random, size: int = NATIVE, tries: int = 200) -> list[Placed]:
+    """Colours for unnamed objects, then non-overlapping positions; for a relation, a placement that shows it
+    unambiguously (the centres apart by at least an object's size along its axis)."""
+    items = []
+    for shape, color, count in spec.objects:
+        scene_color = color or rng.choice(list(PALETTE))
+        for _ in range(count):
+            items.append((shape, scene_color if count > 1 else (color or rng.choice(list(PALETTE)))))
+    scale = size / NATIVE
+    for _ in range(tries):
+        placed = []
+        for shape, color in items:
+            s = round(rng.randint(*OBJECT_SIZE) * scale)
+            placed.append(Placed(shape, color, rng.uniform(s / 2 + 2, size - s / 2 - 2),
+                                 rng.uniform(s / 2 + 2, size - s / 2 - 2), s))
+        apart = all(max(abs(a.cx - b.cx) - (a.size + b.size) / 2, abs(a.cy - b.cy) - (a.size + b.size) / 2) >= GAP * scale
+                    for i, a in enumerate(placed) for b in placed[i + 1:])
+        if apart and (spec.relation is None or relation_holds(spec.relation, placed[0], placed[1],
+                                                              min(placed[0].size, placed[1].size))):
+            return placed
+    raise RuntimeError(f"no layout found for {spec.prompt!r}")
+
+
+def render(placed: list[Placed], size: int = NATIVE, background=BACKGROUND) -> Image.Image:
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    for p in placed:
+        x0, y0, x1, y1 = p.cx - p.size / 2, p.cy - p.size / 2, p.cx + p.size / 2, p.cy + p.size / 2
+        fill = PALETTE[p.color]
+        if p.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif p.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:
+            draw.polygon([(p.cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    return image
+
+
+def render_spec(spec: Spec, seed: int, size: int = NATIVE) -> Image.Image:
+    return render(layout(spec, random.Random(seed), size), size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ShapeEval
+
+
+@dataclass(frozen=True)
+class Detection:
+    shape: str  # or "unknown"
+    color: str  # or "unknown"
+    cx: float
+    cy: float
+    area: int
+
+
+def connected_components(labels: np.ndarray) -> np.ndarray:
+    """4-connected components of equal nonzero labels -> component ids (0 = background), by propagating the
+    minimum pixel index until nothing changes (numpy only)."""
+    h, w = labels.shape
+    ids = np.where(labels > 0, np.arange(1, h * w + 1).reshape(h, w), 0)
+    while True:
+        previous = ids
+        padded = np.pad(ids, 1)
+        same = np.pad(labels, 1)
+        best = ids.copy()
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+            neighbour = padded[dy:dy + h, dx:dx + w]
+            ok = (same[dy:dy + h, dx:dx + w] == labels) & (neighbour > 0) & (labels > 0)
+            best = np.where(ok & (neighbour < best), neighbour, best)
+        ids = best
+        if np.array_equal(ids, previous):
+            return ids
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return "unknown"
+    fill = len(xs) / (w * h)
+    if fill >= FILL_SQUARE:
+        return "square"
+    if fill >= FILL_CIRCLE:
+        return "circle"
+    return "triangle" if fill >= FILL_TRIANGLE else "unknown"
+
+
+def detect(image: Image.Image) -> list[Detection]:
+    """Objects in an image of any size (judged at native size)."""
+    if image.size != (NATIVE, NATIVE):
+        image = image.resize((NATIVE, NATIVE), Image.BOX)
+    pixels = np.asarray(image.convert("RGB")).astype(np.int32)
+    foreground = np.abs(pixels - np.array(BACKGROUND)).sum(-1) > FOREGROUND_DISTANCE
+    palette = np.array(list(PALETTE.values()))
+    distance = np.abs(pixels[:, :, None, :] - palette[None, None]).sum(-1)  # (H, W, colours)
+    nearest = distance.argmin(-1)
+    labels = np.where(foreground, np.where(distance.min(-1) <= COLOR_DISTANCE, nearest + 1, len(palette) + 1), 0)
+    components = connected_components(labels)
+    names = list(PALETTE) + ["unknown"]
+    found = []
+    for cid in np.unique(components[components > 0]):
+        mask = components == cid
+        area = int(mask.sum())
+        if area < MIN_AREA:
+            continue
+        ys, xs = np.nonzero(mask)
+        color = names[int(labels[ys[0], xs[0]]) - 1]
+        found.append(Detection(classify_shape(mask), color, float(xs.mean()), float(ys.mean()), area))
+    return found
+
+
+def relation_holds(relation: str, a, b, margin: float = POSITION_MARGIN) -> bool:
+    """Is a `relation` of b, judged by centroids (GenEval: only the relation's own axis counts)?"""
+    return {"left": a.cx + margin < b.cx, "right": a.cx > b.cx + margin,
+            "above": a.cy + margin < b.cy, "below": a.cy > b.cy + margin}[relation]
+
+
+def follows(spec: Spec, found: list[Detection]) -> bool:
+    """Exactly the objects the prompt asks for: shapes, counts, named colours, and the relation."""
+    wanted = [(shape, color) for shape, color, count in spec.objects for _ in range(count)]
+    if len(found) != len(wanted) or any(d.shape == "unknown" for d in found):
+        return False
+    remaining = list(found)
+    for shape, color in sorted(wanted, key=lambda w: w[1] is None):  # named colours claim their object first
+        match = next((d for d in remaining if d.shape == shape and (color is None or d.color == color)), None)
+        if match is None:
+            return False
+        remaining.remove(match)
+    if spec.relation:
+        first = next(d for d in found if d.shape == spec.objects[0][0])
+        second = next(d for d in found if d.shape == spec.objects[1][0])
+        return relation_holds(spec.relation, first, second)
+    return True
+
+
+def shape_eval(specs: list[Spec], images: list[Image.Image]) -> dict[str, float]:
+    """Fraction of images that follow their prompt, per category and overall (the mean of the categories)."""
+    hits = {c: [] for c in CATEGORIES}
+    for spec, image in zip(specs, images, strict=True):
+        hits[spec.category].append(follows(spec, detect(image)))
+    scores = {c: float(np.mean(h)) for c, h in hits.items() if h}
+    scores["overall"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bundled source model: real architectures at tiny widths
+
+TOY_SOURCE = Path(__file__).parent / "assets" / "toy-zimage"
+TOY_VOCAB = 320
+TOY_TEXT = Qwen3Config(vocab_size=TOY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TOY_VAE = VAEConfig(block_out_channels=(16, 32, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
+TOY_DIT = ZImageConfig(in_channels=4, dim=128, n_layers=6, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                       cap_feat_dim=64, axes_dims=(16, 24, 24))
+TOY_SHIFT = 3.0  # the scheduler's flow shift, as Z-Image-Turbo's
+CAPTION_DROPOUT = 0.1  # prompts replaced by "" in training, so the source supports classifier-free guidance
+KL_WEIGHT = 1e-6
+
+
+def toy_tokenizer(seed: int = 0):
+    corpus = [s.prompt for s in training_specs(5000, seed)] + [s.prompt for s in evaluation_specs()]
+    return train_qwen_style_bpe(corpus, TOY_VOCAB)
+
+
+def toy_text_encoder(seed: int = 0) -> tuple[Qwen3TextEncoder, dict[str, torch.Tensor]]:
+    """A frozen random Qwen3: unit-variance embeddings keep prompts apart; its layers only mix them. Returns
+    the encoder as Z-Image uses it and the full state dict a Qwen3Model checkpoint holds."""
+    torch.manual_seed(seed)
+    full = Qwen3TextEncoder(replace(TOY_TEXT, num_hidden_layers=TOY_TEXT.num_hidden_layers + 1))
+    torch.nn.init.normal_(full.embed_tokens.weight)
+    state = full.state_dict() | {"norm.weight": torch.ones(TOY_TEXT.hidden_size)}
+    encoder = Qwen3TextEncoder(TOY_TEXT)
+    encoder.load_state_dict({k: v for k, v in state.items() if not Qwen3TextEncoder.unused_keys(TOY_TEXT, k)})
+    return encoder.eval().requires_grad_(False), state
+
+
+def scene_batch(specs: list[Spec], seeds: list[int]) -> torch.Tensor:
+    return torch.stack([image_tensor(render_spec(spec, seed)) for spec, seed in zip(specs, seeds)])
+
+
+def train_vae(steps: int, batch: int, seed: int, log) -> AutoencoderKL:
+    """Reconstruction (L1 + MSE) with a small KL term; then shift and scale make the latents zero-mean, unit-std."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(replace(TOY_VAE, scaling_factor=1.0, shift_factor=0.0))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = random.Random(seed)
+    for step in range(1, steps + 1):
+        specs = [random_spec(rng, rng.choice(CATEGORIES)) for _ in range(batch)]
+        x = scene_batch(specs, [rng.randrange(2**31) for _ in specs])
+        mean, logvar = vae.encode_moments(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+        recon = vae.decoder(z)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * kl
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.1f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        specs = training_specs(256, seed + 1)
+        latents = torch.cat([vae.encode_moments(scene_batch(specs[i:i + 64], list(range(i, i + 64))))[0]
+                             for i in range(0, 256, 64)])
+    vae.cfg = replace(vae.cfg, shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
+    return vae
+
+
+def evaluate_source(dit, vae, text, tokenizer, specs, steps: int, guidance: float, seed: int = 0) -> dict:
+    pipe = hub.LatentPipeline("toy", None, None, dit, text, tokenizer, vae, {"shift": TOY_SHIFT})
+    images = []
+    for i in range(0, len(specs), 30):
+        chunk = specs[i:i + 30]
+        x = sample.sample_latent(pipe, [s.prompt for s in chunk], [seed + i + j for j in range(len(chunk))],
+                                 NATIVE, NATIVE, steps, guidance)
+        images += [sample.to_pil(im) for im in x]
+    return shape_eval(specs, images), images
+
+
+def train_dit(vae, text, tokenizer, steps: int, batch: int, dataset: int, seed: int, log, eval_every: int):
+    """Flow matching in the VAE's latent space on a fixed set of rendered scenes, with caption dropout and an
+    EMA of the weights (the EMA is what is saved)."""
+    rng = random.Random(seed)
+    specs = training_specs(dataset, seed)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(scene_batch(specs[i:i + 128], list(range(i, i + 128))))
+                             for i in range(0, dataset, 128)])
+    log(f"encoded {dataset} scenes to latents {tuple(latents.shape[1:])}, std {latents.std():.3f}")
+    torch.manual_seed(seed)
+    dit = ZImageDiT(TOY_DIT)
+    ema = ZImageDiT(TOY_DIT)
+    ema.load_state_dict(dit.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=5e-4, weight_decay=0.0)
+    warmup, start = 200, time.time()
+    for step in range(1, steps + 1):
+        idx = [rng.randrange(dataset) for _ in range(batch)]
+        prompts = ["" if rng.random() < CAPTION_DROPOUT else specs[i].prompt for i in idx]
+        with torch.no_grad():
+            captions = encode_prompts(text, tokenizer, prompts)
+        x0 = latents[idx]
+        sigma = sample.shift_sigmas(torch.rand(batch), TOY_SHIFT)
+        noise = torch.randn_like(x0)
+        s = sigma[:, None, None, None]
+        loss = F.mse_loss(dit((1 - s) * x0 + s * noise, sigma, captions), noise - x0)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = 5e-4 * min(1.0, step / warmup) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), dit.parameters()):
+                e.lerp_(p, 1 - min(0.999, (1 + step) / (10 + step)))
+        if step % 100 == 0:
+            log(f"dit step {step}/{steps} loss {loss.item():.4f} {(time.time() - start) / step:.2f} s/step")
+        if eval_every and (step % eval_every == 0 or step == steps):
+            ema.eval()
+            scores, _ = evaluate_source(ema, vae, text, tokenizer, evaluation_specs(5), 20, 3.0)
+            log(f"dit step {step}: ShapeEval (EMA, 20 steps, guidance 3) {fmt(scores)}")
+    return ema.eval()
+
+
+def fmt(scores: dict) -> str:
+    return " ".join(f"{k} {v:.2f}" for k, v in scores.items())
+
+
+def build_source(args) -> Path:
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    tok = toy_tokenizer(args.seed)
+    encoder, encoder_state = toy_text_encoder(args.seed)
+    folder = args.out
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(tok_dir / "tokenizer.json"))
+    tokenizer = PromptTokenizer(tok_dir / "tokenizer.json", "<|endoftext|>")
+    vae = train_vae(args.vae_steps, args.vae_batch, args.seed, log)
+    log(f"vae shift {vae.cfg.shift_factor:.4f} scale {vae.cfg.scaling_factor:.4f}")
+    dit = train_dit(vae, encoder, tokenizer, args.dit_steps, args.dit_batch, args.dataset, args.seed, log,
+                    args.eval_every)
+    hub.save_pipeline(folder, dit, encoder_state, TOY_TEXT, tok, vae, {"num_train_timesteps": 1000, "shift": TOY_SHIFT,
+                                                                        "use_dynamic_shifting": False})
+    log(f"wrote {folder}")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build-source", help="train the bundled toy source model and save it (diffusers layout)")
+    b.add_argument("--out", type=Path, default=TOY_SOURCE)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--vae-steps", type=int, default=1200)
+    b.add_argument("--vae-batch", type=int, default=8)
+    b.add_argument("--dit-steps", type=int, default=6000)
+    b.add_argument("--dit-batch", type=int, default=64)
+    b.add_argument("--dataset", type=int, default=20000, help="rendered scenes the DiT trains on")
+    b.add_argument("--eval-every", type=int, default=1000, help="ShapeEval of the EMA model every K steps; 0 = off")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "build-source":
+        build_source(args)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(torch.get_num_threads())
+    main()
