@@ -318,6 +318,18 @@ class LatentPipeline:
         return {"id": self.name, "revision": self.revision, "transformer_sha256": self.transformer_sha256}
 
 
+RECIPE_CARD = "l2p.json"  # optional: a source's recommended sizes and settings for synth, train and sample
+
+
+def recipe_card(ckpt: str) -> dict:
+    """The source's recipe card (l2p.json in its folder), or {} when it has none. Only that file is fetched."""
+    try:
+        root = resolve(ckpt, [RECIPE_CARD])
+    except CheckpointError:
+        return {}
+    return read_json(root / RECIPE_CARD) if root.is_dir() and (root / RECIPE_CARD).is_file() else {}
+
+
 def read_pipeline_index(root: Path) -> dict:
     if not root.is_dir():
         raise CheckpointError(f"{root}: a pipeline must be a folder holding model_index.json")

@@ -395,13 +395,15 @@ class PixelConfig:
 
     backbone: ZImageConfig
     head_widths: tuple[int, ...] = HEAD_WIDTHS
+    output: str = "detailer"  # "linear": the ablation with a per-patch final layer (backbone.final_layer) instead
 
     @classmethod
     def from_dict(cls, d: dict) -> "PixelConfig":
-        return cls(ZImageConfig.from_dict(d["backbone"]), tuple(d.get("head_widths", HEAD_WIDTHS)))
+        return cls(ZImageConfig.from_dict(d["backbone"]), tuple(d.get("head_widths", HEAD_WIDTHS)),
+                   d.get("output", "detailer"))
 
     def to_dict(self) -> dict:
-        return {"backbone": self.backbone.to_dict(), "head_widths": list(self.head_widths)}
+        return {"backbone": self.backbone.to_dict(), "head_widths": list(self.head_widths), "output": self.output}
 
 
 class PixelDiT(nn.Module):
@@ -414,15 +416,21 @@ class PixelDiT(nn.Module):
     def __init__(self, cfg: PixelConfig):
         super().__init__()
         self.cfg = cfg
+        if (cfg.output == "linear") != cfg.backbone.final_layer:
+            raise ValueError("pixel config: a linear output uses the backbone's final layer, the head does not")
         self.backbone = ZImageDiT(cfg.backbone)
-        self.detailer_head = DetailerHead(cfg.backbone.in_channels, cfg.backbone.dim, cfg.head_widths)
+        if cfg.output == "detailer":
+            self.detailer_head = DetailerHead(cfg.backbone.in_channels, cfg.backbone.dim, cfg.head_widths)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        self.backbone.gradient_checkpointing = enabled
-        self.detailer_head.gradient_checkpointing = enabled
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enabled
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: list[torch.Tensor], patch: int | None = None):
         """Velocity `noise - x0` for images x (B, 3, H, W) in [-1, 1], sigma (B,), captions [(L_i, cap_dim)]."""
+        if self.cfg.output == "linear":
+            return self.backbone(x, sigma, captions, patch)
         patch = patch or self.cfg.backbone.all_patch_size[0]
         grid = (x.shape[2] // patch, x.shape[3] // patch)
         c = self.backbone.condition(sigma)

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ SOURCE_GUIDANCE = 1.0
 PIXEL_STEPS = 30
 PIXEL_GUIDANCE = 2.0
 PIXEL_SHIFT = 3.0
+DEFAULT_SIZE = 1024  # Z-Image's and L2P's native resolution; a source's recipe card may name its own
+DEFAULT_RUN = Path("runs/l2p")  # where train.py writes by default
 # diffusers FlowMatchEulerDiscreteScheduler defaults for the resolution-dependent shift (mu)
 BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 UNSUPPORTED_SCHEDULER_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
@@ -160,13 +163,66 @@ def sample_pixels(model, text_encoder, tokenizer, prompts: list[str], seeds: lis
     return (x / 2 + 0.5).clamp(0, 1)
 
 
-def generate(ckpt: str, prompt: str, seed: int = 42, height: int = 1024, width: int = 1024,
-             steps: int = SOURCE_STEPS, guidance: float = SOURCE_GUIDANCE, device: str = "auto",
+@dataclass
+class ImageModel:
+    """A loaded text-to-image model, latent source or L2P pixel model, and its source's recipe card."""
+
+    kind: str  # "latent" or "pixel"
+    card: dict
+    pipe: hub.LatentPipeline | None = None  # latent: everything; pixel: the source's text encoder and tokenizer
+    pixel_model: object = None
+
+    def defaults(self) -> dict:
+        """steps, guidance, shift, height, width: the recipe card's, else the source's or the L2P release's."""
+        key = "sample" if self.kind == "pixel" else "synth"
+        built_in = ({"steps": PIXEL_STEPS, "guidance": PIXEL_GUIDANCE, "shift": PIXEL_SHIFT} if self.kind == "pixel"
+                    else {"steps": SOURCE_STEPS, "guidance": SOURCE_GUIDANCE, "shift": None})
+        height, width = self.card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
+        return built_in | {k: v for k, v in self.card.get(key, {}).items() if k in built_in} | {"height": height,
+                                                                                                 "width": width}
+
+    def __call__(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, guidance: float,
+                 shift: float | None = None, negative_prompt: str = "", progress: bool = False) -> torch.Tensor:
+        if self.kind == "latent":
+            return sample_latent(self.pipe, prompts, seeds, height, width, steps, guidance, negative_prompt,
+                                 progress=progress)
+        return sample_pixels(self.pixel_model, self.pipe.text_encoder, self.pipe.tokenizer, prompts, seeds, height,
+                             width, steps, guidance, shift or PIXEL_SHIFT, negative_prompt, progress=progress)
+
+
+def is_latent_source(ckpt: str) -> bool:
+    root = hub.resolve(ckpt)
+    return root.is_dir() and (root / "model_index.json").is_file()
+
+
+def peek_card(ckpt: str, source: str | None = None) -> tuple[str, dict]:
+    """(kind, recipe card) of a checkpoint from its metadata and configs alone: no weights are read."""
+    if is_latent_source(ckpt):
+        return "latent", hub.recipe_card(ckpt)
+    return "pixel", hub.recipe_card(source or transfer.source_of(ckpt))
+
+
+def load_model(ckpt: str, dtype=torch.float32, device="cpu", *, source: str | None = None,
+               transformer: str | None = None, ema: bool = True) -> ImageModel:
+    """A latent source (hub id or diffusers folder) or any L2P checkpoint, ready to sample."""
+    if is_latent_source(ckpt):
+        return ImageModel("latent", hub.recipe_card(ckpt), pipe=hub.load_pipeline(ckpt, dtype, device,
+                                                                                    transformer=transformer))
+    model, meta = transfer.load_pixel_model(ckpt, dtype, device, source=source, ema=ema)
+    text = hub.load_pipeline(meta["source"]["id"], dtype, device, parts=("text",))
+    return ImageModel("pixel", hub.recipe_card(meta["source"]["id"]), pipe=text, pixel_model=model)
+
+
+def generate(ckpt: str, prompt: str, seed: int = 42, height: int | None = None, width: int | None = None,
+             steps: int | None = None, guidance: float | None = None, device: str = "auto",
              dtype: str = "auto") -> Image.Image:
-    """One image from a latent source (hub id or folder): the whole path in one call."""
+    """One image from any model this project loads: the whole path in one call, with the model's defaults."""
     device, torch_dtype = pick_device_dtype(device, dtype)
-    pipe = hub.load_pipeline(ckpt, torch_dtype, device)
-    return to_pil(sample_latent(pipe, [prompt], [seed], height, width, steps, guidance)[0])
+    model = load_model(ckpt, torch_dtype, device)
+    d = model.defaults()
+    image = model([prompt], [seed], height or d["height"], width or d["width"], steps or d["steps"],
+                  guidance if guidance is not None else d["guidance"], d["shift"])
+    return to_pil(image[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,26 +274,27 @@ def read_prompt_file(path: Path) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True,
+    p.add_argument("--ckpt", default=str(DEFAULT_RUN),
                    help="an L2P checkpoint (train.py run folder, trained-tensor or standalone file, or the official "
                         "release, e.g. zhen-nan/L2P/model-1k-merge.safetensors), or a latent source pipeline "
-                        "(hub id or diffusers folder)")
+                        "(hub id or diffusers folder); default: runs/l2p, where train.py writes")
     p.add_argument("--source", help="L2P: where base weights and the text encoder come from (default: as recorded)")
     p.add_argument("--transformer", help="latent source: replace its transformer with this folder or single file")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts", type=Path, help="prompt file: plain text, one per line, or JSONL with 'prompt'")
     p.add_argument("--negative-prompt", default="", help="negative prompt for guidance (default: empty)")
-    p.add_argument("--h", type=int, default=1024, help="image height in pixels")
-    p.add_argument("--w", type=int, default=1024, help="image width in pixels")
-    p.add_argument("--steps", type=int, help=f"Euler steps (default: {PIXEL_STEPS} for L2P, {SOURCE_STEPS} for a source)")
-    p.add_argument("--guidance", type=float,
-                   help=f"classifier-free guidance, 1 = off (default: {PIXEL_GUIDANCE} for L2P, {SOURCE_GUIDANCE} for a source)")
-    p.add_argument("--shift", type=float, default=PIXEL_SHIFT, help="L2P: flow shift of the schedule")
+    p.add_argument("--h", type=int, help=f"image height (default: the source's recipe card, else {DEFAULT_SIZE})")
+    p.add_argument("--w", type=int, help=f"image width (default: the source's recipe card, else {DEFAULT_SIZE})")
+    p.add_argument("--steps", type=int, help=f"Euler steps (default: recipe card, else {PIXEL_STEPS} for L2P, "
+                                             f"{SOURCE_STEPS} for a source)")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance, 1 = off (default: recipe card, else "
+                                                  f"{PIXEL_GUIDANCE} for L2P, {SOURCE_GUIDANCE} for a source)")
+    p.add_argument("--shift", type=float, help=f"L2P: flow shift of the schedule (default: {PIXEL_SHIFT})")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (consecutive seeds)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward batch")
     p.add_argument("--no-ema", action="store_true", help="L2P run folder: use the raw weights, not the EMA")
-    p.add_argument("--out", type=Path, default=Path("sample.png"), help="a .png file (one image) or a folder")
+    p.add_argument("--out", type=Path, help="a .png file (one image) or a folder (default: sample.png or samples/)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
     return p.parse_args(argv)
@@ -264,42 +321,40 @@ def writable_folder(folder: Path, flag: str = "--out") -> Path:
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
+    kind, card = peek_card(args.ckpt, args.source)
     prompts = (args.prompt or []) + (read_prompt_file(args.prompts) if args.prompts else [])
+    prompts = prompts or card.get("sample", {}).get("prompts", [])
     if not prompts:
         raise ValueError("give --prompt or --prompts")
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.images_per_prompt))]
-    single = args.out.suffix == ".png"
+    out = args.out or (Path("sample.png") if len(jobs) == 1 else Path("samples"))
+    single = out.suffix == ".png"
     if single and len(jobs) > 1:
-        raise ValueError(f"--out {args.out} is one file but there are {len(jobs)} images: give a folder")
+        raise ValueError(f"--out {out} is one file but there are {len(jobs)} images: give a folder")
     if min(args.steps or 1, args.batch_size, args.images_per_prompt) < 1:
         raise ValueError("--steps, --batch-size and --images-per-prompt must be at least 1")
-    folder = writable_folder(args.out.parent if single else args.out)
-    device, dtype = pick_device_dtype(args.device, args.dtype)
-    root = hub.resolve(args.ckpt)
-    latent = root.is_dir() and (root / "model_index.json").is_file()
-    steps = args.steps or (SOURCE_STEPS if latent else PIXEL_STEPS)
-    guidance = args.guidance if args.guidance is not None else (SOURCE_GUIDANCE if latent else PIXEL_GUIDANCE)
-    if latent:
-        check_size(args.h, args.w, hub.latent_pixel_multiple(root, args.transformer), "pixels per latent token")
-        pipe = hub.load_pipeline(args.ckpt, dtype, device, transformer=args.transformer)
-        run = lambda batch, seeds: sample_latent(pipe, batch, seeds, args.h, args.w, steps, guidance,  # noqa: E731
-                                                 args.negative_prompt, progress=True)
+    height, width = (args.h, args.w) if args.h and args.w else card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
+    height, width = args.h or height, args.w or width
+    if kind == "latent":
+        check_size(height, width, hub.latent_pixel_multiple(hub.resolve(args.ckpt), args.transformer),
+                   "pixels per latent token")
     else:
-        check_size(args.h, args.w, transfer.PIXEL_PATCH, "the pixel patch size")
-        model, meta = transfer.load_pixel_model(args.ckpt, dtype, device, source=args.source, ema=not args.no_ema)
-        text = hub.load_pipeline(meta["source"]["id"], dtype, device, parts=("text",))
-        run = lambda batch, seeds: sample_pixels(model, text.text_encoder, text.tokenizer, batch, seeds,  # noqa: E731
-                                                 args.h, args.w, steps, guidance, args.shift, args.negative_prompt,
-                                                 progress=True)
+        check_size(height, width, transfer.PIXEL_PATCH, "the pixel patch size")
+    folder = writable_folder(out.parent if single else out)
+    device, dtype = pick_device_dtype(args.device, args.dtype)
+    model = load_model(args.ckpt, dtype, device, source=args.source, transformer=args.transformer, ema=not args.no_ema)
+    d = model.defaults()
+    steps, shift = args.steps or d["steps"], args.shift or d["shift"]
+    guidance = args.guidance if args.guidance is not None else d["guidance"]
     written = []
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
-        images = run([p for p, _ in batch], [s for _, s in batch])
+        images = model([p for p, _ in batch], [s for _, s in batch], height, width, steps, guidance, shift,
+                       args.negative_prompt, progress=True)
         for i, ((prompt, seed), image) in enumerate(zip(batch, images)):
-            path = args.out if single else folder / f"{start + i:05d}.png"
+            path = out if single else folder / f"{start + i:05d}.png"
             settings = dict(prompt=prompt, seed=seed, ckpt=args.ckpt, steps=steps, guidance=guidance,
-                            negative_prompt=args.negative_prompt, height=args.h, width=args.w,
-                            shift=None if latent else args.shift)
+                            negative_prompt=args.negative_prompt, height=height, width=width, shift=shift)
             save_png(to_pil(image), path, settings)
             written.append(path)
             print(f"wrote {path}", file=sys.stderr)

@@ -17,6 +17,7 @@ random Qwen3 text encoder, a VAE trained on rendered images, then the latent DiT
 """
 
 import argparse
+import json
 import math
 import random
 import sys
@@ -416,7 +417,161 @@ def build_source(args) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Evaluation, corpora and the paper's claims at toy scale
+
+
+def evaluate(model: "sample.ImageModel", specs: list[Spec], seeds: int, steps: int, guidance: float,
+             shift: float | None, size: int = NATIVE, batch: int = 32) -> tuple[dict, list[Image.Image], list[Spec]]:
+    """Sample every spec with `seeds` seeds (seed k of every prompt is k) and judge them with ShapeEval."""
+    jobs = [(spec, k) for k in range(seeds) for spec in specs]
+    images = []
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i:i + batch]
+        x = model([s.prompt for s, _ in chunk], [k for _, k in chunk], size, size, steps, guidance, shift)
+        images += [sample.to_pil(im) for im in x]
+    judged = [s for s, _ in jobs]
+    return shape_eval(judged, images), images, judged
+
+
+def grid(images: list[Image.Image], specs: list[Spec], columns: int = 10, cell: int = NATIVE) -> Image.Image:
+    """Samples with their prompts underneath, and a green / red bar for ShapeEval's verdict."""
+    caption = 22
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, spec) in enumerate(zip(images, specs)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + caption)
+        sheet.paste(image.resize((cell, cell)), (x, y))
+        ok = follows(spec, detect(image))
+        draw.rectangle((x, y + cell, x + cell - 1, y + cell + 2), fill=(40, 170, 60) if ok else (210, 40, 40))
+        words = spec.prompt
+        draw.text((x + 2, y + cell + 4), words[:26], fill="black")
+        if len(words) > 26:
+            draw.text((x + 2, y + cell + 12), words[26:52], fill="black")
+    return sheet
+
+
+def write_prompts(path: Path, n: int, seed: int) -> Path:
+    """Training prompts for synthesis, one per line (their specs are training_specs(n, seed))."""
+    path.write_text("".join(s.prompt + "\n" for s in training_specs(n, seed)))
+    return path
+
+
+def render_corpus(out: Path, prompts: list[str], images_per_prompt: int, size: int = NATIVE) -> Path:
+    """Ground-truth ("real") images for the same prompts, in synth.py's layout and metadata format."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p, prompt in enumerate(prompts):
+        spec = parse_prompt(prompt)
+        for k in range(images_per_prompt):
+            j = p * images_per_prompt + k
+            name = f"{p:06d}-{k}.png"
+            render_spec(spec, j, size).save(out / name)
+            rows.append({"file": name, "prompt": prompt, "category": spec.category, "seed": j, "source": "renderer",
+                         "height": size, "width": size})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def all_specs() -> list[Spec]:
+    """Every prompt of the world (177 of them): the categories' grammar, enumerated."""
+    colors, pairs = list(PALETTE), [(a, b) for a in SHAPES for b in SHAPES if a != b]
+    specs = [Spec("single_object", ((s, None, 1),)) for s in SHAPES]
+    specs += [Spec("colors", ((s, c, 1),)) for s in SHAPES for c in colors]
+    specs += [Spec("counting", ((s, None, n),)) for s in SHAPES for n in NUMBERS]
+    specs += [Spec("two_objects", ((a, None, 1), (b, None, 1))) for a, b in pairs]
+    specs += [Spec("position", ((a, None, 1), (b, None, 1)), r) for a, b in pairs for r in RELATIONS]
+    specs += [Spec("color_attr", ((a, c, 1), (b, d, 1))) for a, b in pairs for c in colors for d in colors if c != d]
+    return specs
+
+
+def parse_prompt(prompt: str) -> Spec:
+    """The spec of a prompt of this world (the inverse of Spec.prompt)."""
+    spec = {s.prompt: s for s in all_specs()}.get(prompt)
+    if spec is None:
+        raise ValueError(f"not a prompt of the shapes world: {prompt!r}")
+    return spec
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    return "\n".join(lines)
+
+
+def eval_command(args) -> list[dict]:
+    rows = []
+    for ckpt in args.ckpt:
+        model = sample.load_model(ckpt)
+        d = model.defaults()
+        scores, images, judged = evaluate(model, evaluation_specs(args.per_category), args.seeds,
+                                          args.steps or d["steps"], d["guidance"] if args.guidance is None else args.guidance,
+                                          d["shift"], d["height"])
+        out = Path(ckpt) / "shapeeval.png" if Path(ckpt).is_dir() else Path(ckpt).with_suffix(".shapeeval.png")
+        grid(images, judged).save(out)
+        print(f"wrote {out}", file=sys.stderr)
+        rows.append({"model": ckpt} | scores)
+    print(table(rows))
+    return rows
+
+
+CLAIMS = [  # (row, train.py flags, data): every row trains for the same steps with the same settings
+    ("L2P (shallow layers + embedder + head, source's samples)", [], "synthetic"),
+    ("full fine-tuning", ["--freeze", "full"], "synthetic"),
+    ("L2P on ground-truth (real) images", [], "real"),
+    ("pixel model from scratch", ["--init", "scratch", "--freeze", "full"], "synthetic"),
+    ("L2P with a linear output layer", ["--output", "linear"], "synthetic"),
+]
+
+
+def claims_command(args) -> list[dict]:
+    """The paper's claims at toy scale: one table, every row measured in this run with the same step budget."""
+    import synth
+    import train
+    import transfer
+
+    work = args.work
+    source = str(TOY_SOURCE)
+    card = hub.recipe_card(source)
+    steps = args.steps or card["train"]["steps"]
+    synthetic = work / "data"
+    synth.synthesize(["--ckpt", source, "--out", str(synthetic)])
+    prompts = [json.loads(line)["prompt"] for line in (synthetic / "metadata.jsonl").read_text().splitlines()]
+    real = render_corpus(work / "real", prompts[::card["synth"]["images_per_prompt"]], card["synth"]["images_per_prompt"])
+    specs = evaluation_specs(args.per_category)
+
+    def judged(ckpt: str) -> dict:
+        model = sample.load_model(ckpt)
+        d = model.defaults()
+        scores, _, _ = evaluate(model, specs, args.seeds, d["steps"], d["guidance"], d["shift"], d["height"])
+        return scores
+
+    start = time.time()
+    rows = [{"row": "source model (latent)", "trained params": "-", "wall s": "-"} | judged(source)]
+    print(table(rows), file=sys.stderr)
+    for name, flags, data in CLAIMS:
+        out = work / name.split(" (")[0].replace(" ", "-").lower()
+        start = time.time()
+        train.train(["--ckpt", source, "--data", str(synthetic if data == "synthetic" else real), "--out", str(out),
+                     "--steps", str(steps), "--log-every", "50", *flags])
+        wall = time.time() - start
+        model, _ = transfer.load_pixel_model(str(out))
+        trained = sum(t.numel() for t in hub.read_tensors(transfer.latest_checkpoint(out, ema=False)).values())
+        rows.append({"row": name, "trained params": f"{trained / 1e6:.2f}M", "wall s": f"{wall:.0f}"} | judged(str(out)))
+        print(table(rows), file=sys.stderr)
+    source_score = rows[0]["overall"]
+    for r in rows:
+        r["of source"] = r["overall"] / source_score
+    print(table(rows))
+    (work / "claims.json").write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # CLI
+
 
 
 def parse_args(argv=None):
@@ -431,13 +586,24 @@ def parse_args(argv=None):
     b.add_argument("--dit-batch", type=int, default=64)
     b.add_argument("--dataset", type=int, default=20000, help="rendered scenes the DiT trains on")
     b.add_argument("--eval-every", type=int, default=1000, help="ShapeEval of the EMA model every K steps; 0 = off")
+    e = sub.add_parser("eval", help="sample the evaluation prompts, write a grid beside each model, print ShapeEval")
+    e.add_argument("--ckpt", nargs="+", default=[str(sample.DEFAULT_RUN)],
+                   help="models: L2P run folders or files, or latent sources (default: runs/l2p)")
+    e.add_argument("--per-category", type=int, default=10, help="evaluation prompts per category")
+    e.add_argument("--seeds", type=int, default=1, help="samples per prompt")
+    e.add_argument("--steps", type=int, help="sampling steps (default: the source's recipe card)")
+    e.add_argument("--guidance", type=float, help="guidance (default: the source's recipe card)")
+    c = sub.add_parser("claims", help="the paper's claims at toy scale: a table of rows trained on the same budget")
+    c.add_argument("--work", type=Path, default=Path("runs/claims"), help="folder for the corpora and the runs")
+    c.add_argument("--steps", type=int, help="training steps of every row (default: the recipe card's)")
+    c.add_argument("--per-category", type=int, default=10)
+    c.add_argument("--seeds", type=int, default=2)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.command == "build-source":
-        build_source(args)
+    {"build-source": build_source, "eval": eval_command, "claims": claims_command}[args.command](args)
 
 
 if __name__ == "__main__":

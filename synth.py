@@ -27,6 +27,7 @@ import hub
 import sample
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "l2p_taxonomy.jsonl"
+BUNDLED_SOURCE = Path(__file__).parent / "assets" / "toy-zimage"  # the toy source: runs on a CPU in minutes
 PAPER_IMAGES_PER_PROMPT = 2  # 10k prompts -> 20k images
 SETTINGS_FILE = "synth.json"  # the corpus's settings; a rerun must match them
 METADATA_FILE = "metadata.jsonl"
@@ -97,16 +98,17 @@ def write_metadata(out: Path, jobs: list[Job]) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="source model: hub id (owner/name) or diffusers folder")
-    p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
-                   help="plain text (one per line) or JSONL with 'prompt' and optional 'category' "
-                        "(default: the bundled 100-prompt taxonomy sample)")
+    p.add_argument("--ckpt", default=str(BUNDLED_SOURCE),
+                   help="source model: hub id (owner/name) or diffusers folder (default: the bundled toy source)")
+    p.add_argument("--prompts", type=Path, help="plain text (one per line) or JSONL with 'prompt' and optional "
+                                                "'category' (default: the source's recipe card, else the bundled "
+                                                "100-prompt taxonomy sample)")
     p.add_argument("--out", type=Path, default=Path("data"), help="corpus folder (PNGs + metadata.jsonl)")
-    p.add_argument("--images-per-prompt", type=int, default=PAPER_IMAGES_PER_PROMPT, help="seeds per prompt")
-    p.add_argument("--h", type=int, default=1024, help="image height")
-    p.add_argument("--w", type=int, default=1024, help="image width")
-    p.add_argument("--steps", type=int, default=sample.SOURCE_STEPS, help="Euler steps of the source")
-    p.add_argument("--guidance", type=float, default=sample.SOURCE_GUIDANCE, help="guidance, 1 = off")
+    p.add_argument("--images-per-prompt", type=int, help=f"seeds per prompt (default: {PAPER_IMAGES_PER_PROMPT})")
+    p.add_argument("--h", type=int, help="image height (default: the recipe card's, else 1024)")
+    p.add_argument("--w", type=int, help="image width (default: the recipe card's, else 1024)")
+    p.add_argument("--steps", type=int, help=f"Euler steps of the source (default: card, else {sample.SOURCE_STEPS})")
+    p.add_argument("--guidance", type=float, help=f"guidance, 1 = off (default: card, else {sample.SOURCE_GUIDANCE})")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0; image j uses seed + j")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward batch on each rank")
     p.add_argument("--device", default="auto", help="auto (CUDA device LOCAL_RANK when present), cpu, cuda:N")
@@ -114,9 +116,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def fill_from_card(args, card: dict) -> None:
+    """Unset flags take the source's recipe card values (l2p.json), else the built-in defaults."""
+    recipe = card.get("synth", {})
+    height, width = card.get("size", (sample.DEFAULT_SIZE, sample.DEFAULT_SIZE))
+    args.h, args.w = args.h or height, args.w or width
+    args.steps = args.steps or recipe.get("steps", sample.SOURCE_STEPS)
+    args.guidance = args.guidance if args.guidance is not None else recipe.get("guidance", sample.SOURCE_GUIDANCE)
+    args.images_per_prompt = args.images_per_prompt or recipe.get("images_per_prompt", PAPER_IMAGES_PER_PROMPT)
+    if args.prompts is None:
+        args.prompts = hub.resolve(args.ckpt) / recipe["prompts"] if "prompts" in recipe else DEFAULT_PROMPTS
+
+
 def synthesize(argv=None) -> Path:
     args = parse_args(argv)
     rank, world, local_rank = rank_and_world()
+    fill_from_card(args, hub.recipe_card(args.ckpt))
     if min(args.images_per_prompt, args.batch_size, args.steps) < 1:
         raise ValueError("--images-per-prompt, --batch-size and --steps must be at least 1")
     jobs = plan_jobs(read_prompts(args.prompts), args.images_per_prompt, args.seed)

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import hub
 import sample
+import synth
 import transfer
 from model import HEAD_WIDTHS
 from tokenizer import encode_prompts
@@ -44,7 +45,9 @@ TRAIN_SHIFT = 3.0
 PAPER_LR, PAPER_WEIGHT_DECAY = 5e-5, 0.01  # paper Table 3, AdamW
 # Arguments that define a run: a resume must repeat them (the rest, like --steps, may change).
 RUN_DEFINING = ("ckpt", "data", "batch_size", "world_size", "lr", "weight_decay", "warmup", "clip", "ema", "freeze",
-                "blocks", "head_widths", "seed", "fresh_noise")
+                "blocks", "head_widths", "init", "output", "seed", "fresh_noise")
+PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "blocks": 5,
+                  "head_widths": ",".join(map(str, HEAD_WIDTHS))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,20 +209,25 @@ def load_checkpoint(folder: Path, model, optimizer, ema: dict | None, source: di
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="source model (hub id or diffusers folder) the pixel model starts from")
+    p.add_argument("--ckpt", default=str(synth.BUNDLED_SOURCE),
+                   help="source model (hub id or diffusers folder) the pixel model starts from (default: the bundled "
+                        "toy source)")
     p.add_argument("--data", type=Path, default=Path("data"), help="corpus folder written by synth.py")
-    p.add_argument("--out", type=Path, default=Path("runs/l2p"), help="run folder: checkpoints, logs; resumed if present")
-    p.add_argument("--steps", type=int, default=10000, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, default=1, help="images per rank per step (paper: 1 x 8 GPUs)")
-    p.add_argument("--lr", type=float, default=PAPER_LR, help="AdamW learning rate (paper: 5e-5)")
+    p.add_argument("--out", type=Path, default=sample.DEFAULT_RUN, help="run folder: checkpoints, logs; resumed if present")
+    p.add_argument("--steps", type=int, help="total optimizer steps (default: recipe card, else 10000)")
+    p.add_argument("--batch-size", type=int, help="images per rank per step (default: card, else 1 as the paper x 8 GPUs)")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default: card, else the paper's {PAPER_LR})")
     p.add_argument("--weight-decay", type=float, default=PAPER_WEIGHT_DECAY, help="AdamW weight decay (paper: 0.01)")
-    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps, then constant (paper: constant)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (default: card, else 0 as the paper)")
     p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping; 0 = off (paper: off)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained tensors, e.g. 0.999; 0 = off")
     p.add_argument("--freeze", default="released", help="freeze plan: released (default), paper or full")
-    p.add_argument("--blocks", type=int, default=5, help="main blocks trained at each end (paper: n = 5)")
-    p.add_argument("--head-widths", default=",".join(map(str, HEAD_WIDTHS)),
-                   help="Detailer Head channels per stage (paper: 64,128,256,512)")
+    p.add_argument("--blocks", type=int, help="main blocks trained at each end (default: card, else the paper's n = 5)")
+    p.add_argument("--head-widths", help="Detailer Head channels per stage (default: card, else 64,128,256,512)")
+    p.add_argument("--init", default="transfer", choices=("transfer", "scratch"),
+                   help="transfer: copy the source's weights (L2P); scratch: the same architecture at random init")
+    p.add_argument("--output", default="detailer", choices=("detailer", "linear"),
+                   help="detailer: the Detailer Head (L2P); linear: a per-patch linear output layer instead")
     p.add_argument("--fresh-noise", action="store_true", help="new noise every step instead of the image's seed")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, sigmas and new layers' init")
     p.add_argument("--grad-ckpt", default="auto", help="gradient checkpointing: auto (on with CUDA), on, off")
@@ -254,6 +262,10 @@ def peak_memory_gb(device: torch.device) -> float:
 def train(argv=None) -> dict:
     """Returns {"step", "losses": [per-step loss averaged over ranks], "out"}."""
     args = parse_args(argv)
+    card = hub.recipe_card(args.ckpt).get("train", {})
+    for key, value in PAPER_DEFAULTS.items():  # unset flags: the source's recipe card, else the paper
+        if getattr(args, key) is None:
+            setattr(args, key, card.get(key, value))
     rank, world, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     args.world_size, args.global_batch = world, world * args.batch_size
     if min(args.steps, args.batch_size, args.save_every, args.log_every) < 1:
@@ -279,7 +291,8 @@ def train(argv=None) -> dict:
 
     # The model: source -> transfer. Trained tensors in float32 (master weights), frozen ones in compute dtype.
     source = hub.load_pipeline(args.ckpt, compute_dtype, device, parts=("transformer",))
-    model = transfer.transfer(source.transformer, plan, head_widths, seed=args.seed, verbose=rank == 0)
+    model = transfer.transfer(source.transformer, plan, head_widths, seed=args.seed, verbose=rank == 0,
+                              copy=args.init == "transfer", output=args.output)
     del source.transformer
     for p in model.parameters():
         p.data = p.data.to(device, torch.float32 if p.requires_grad else compute_dtype)

@@ -52,7 +52,7 @@ class FreezePlan:
     def trains(self, name: str, n_layers: int) -> bool:
         """Whether the parameter `name` of a PixelDiT trains under this plan."""
         part = name.split(".")
-        if part[0] == "detailer_head" or part[1] == "all_x_embedder" or self.all_blocks:
+        if part[0] == "detailer_head" or part[1] in ("all_x_embedder", "all_final_layer") or self.all_blocks:
             return True
         if part[1] == "layers":
             block = int(part[2])
@@ -98,21 +98,24 @@ def trained_names(model: PixelDiT) -> list[str]:
 # Transfer
 
 
-def pixel_config(source: ZImageConfig, head_widths=HEAD_WIDTHS, patches=(PIXEL_PATCH,)) -> PixelConfig:
-    """The source's backbone with RGB patch embedders and no final layer."""
+def pixel_config(source: ZImageConfig, head_widths=HEAD_WIDTHS, patches=(PIXEL_PATCH,),
+                 output: str = "detailer") -> PixelConfig:
+    """The source's backbone with RGB patch embedders, and the Detailer Head in place of its final layer (or,
+    for the ablation, a per-patch linear final layer)."""
     backbone = replace(source, in_channels=3, all_patch_size=tuple(patches), all_f_patch_size=(1,) * len(patches),
-                       final_layer=False)
-    return PixelConfig(backbone, tuple(head_widths))
+                       final_layer=output == "linear")
+    return PixelConfig(backbone, tuple(head_widths), output)
 
 
 def transfer(source: ZImageDiT, plan: FreezePlan = FreezePlan(), head_widths=HEAD_WIDTHS, seed: int = 0,
-             verbose: bool = True) -> PixelDiT:
+             verbose: bool = True, copy: bool = True, output: str = "detailer") -> PixelDiT:
     """The pixel model: source tensors copied where name and shape match, new layers at default init (seeded),
-    the freeze plan applied. New tensors are float32; copied ones keep the source's dtype and device."""
-    cfg = pixel_config(source.cfg, head_widths)
+    the freeze plan applied. New tensors are float32; copied ones keep the source's dtype and device.
+    copy=False gives the same architecture at random init: the from-scratch baseline."""
+    cfg = pixel_config(source.cfg, head_widths, output=output)
     torch.manual_seed(seed)
     model = PixelDiT(cfg)
-    source_state = source.state_dict()
+    source_state = source.state_dict() if copy else {}
     copied, new = 0, []
     with torch.no_grad():
         for name, param in model.backbone.named_parameters():
@@ -122,7 +125,7 @@ def transfer(source: ZImageDiT, plan: FreezePlan = FreezePlan(), head_widths=HEA
                 copied += 1
             else:
                 new.append(name)
-    dropped = [k for k in source_state if k not in dict(model.backbone.named_parameters())]
+    dropped = [k for k in source.state_dict() if k not in dict(model.backbone.named_parameters())]
     device = next(source.parameters()).device
     model.to(device)
     trainable, total = apply_freeze_plan(model, plan)
@@ -199,6 +202,15 @@ def latest_checkpoint(folder: Path, ema: bool = True) -> Path:
     return path if ema and path.is_file() else step_dir / "model.safetensors"
 
 
+def source_of(ckpt: str) -> str:
+    """The source id an L2P checkpoint records (the release: Z-Image-Turbo), from metadata only."""
+    path = hub.resolve(ckpt)
+    if path.is_dir():
+        path = latest_checkpoint(path)
+    meta = read_metadata(path)
+    return meta["source"]["id"] if meta else OFFICIAL_TEXT_SOURCE
+
+
 def load_pixel_model(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *, source: str | None = None,
                      ema: bool = True) -> tuple[PixelDiT, dict]:
     """An L2P model from: our trained-tensors file (+ its source), a training run folder, a standalone export,
@@ -239,9 +251,9 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
             "these trained tensors belong to other base weights")
     cfg = PixelConfig.from_dict(meta["config"])
     plan = FreezePlan(**meta["freeze_plan"])
-    if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.backbone.all_patch_size):
+    if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.backbone.all_patch_size, cfg.output):
         raise hub.CheckpointError(f"{path}: its pixel config does not follow from source {pipe.name}")
-    model = transfer(pipe.transformer, plan, cfg.head_widths, verbose=False)
+    model = transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output)
     trained = hub.read_tensors(path, device)
     expected = set(trained_names(model))
     if set(trained) != expected:
