@@ -11,7 +11,8 @@ convention is adapted in its own `forward`, in one place, and nowhere else.
 """
 
 import math
-from dataclasses import dataclass, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -34,9 +35,41 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
+@dataclass(frozen=True)
+class AttentionSettings:
+    """How `attention` runs. query_chunk: at most this many queries per SDPA call (None: all at once), which
+    bounds the score matrix a non-fused backend materialises to chunk x keys per head; the result is exact."""
+
+    query_chunk: int | None = None
+
+
+ATTENTION = AttentionSettings()
+
+
+@contextmanager
+def attention_settings(**changes):
+    """Temporarily change how every `attention` call runs (sample.py sets it from flags or a memory budget)."""
+    global ATTENTION
+    previous, ATTENTION = ATTENTION, replace(ATTENTION, **changes)
+    try:
+        yield ATTENTION
+    finally:
+        ATTENTION = previous
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scaled dot-product attention. q, k, v: (B, heads, S, head_dim); mask: bool (B, 1, 1|S, S), True = attend."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    """Scaled dot-product attention. q, k, v: (B, heads, S, head_dim); mask: bool (B, 1, 1|S, S), True = attend.
+
+    With a query chunk, queries are processed in slices: each query's softmax only involves its own scores,
+    so slicing the queries changes nothing but peak memory."""
+    chunk = ATTENTION.query_chunk
+    if chunk is None or q.shape[2] <= chunk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    outputs = []
+    for start in range(0, q.shape[2], chunk):
+        part = mask if mask is None or mask.shape[2] == 1 else mask[:, :, start:start + chunk]
+        outputs.append(F.scaled_dot_product_attention(q[:, :, start:start + chunk], k, v, attn_mask=part))
+    return torch.cat(outputs, dim=2)
 
 
 def key_padding_mask(lengths: torch.Tensor, total: int) -> torch.Tensor | None:
@@ -339,6 +372,11 @@ class ZImageDiT(nn.Module):
 
 HEAD_WIDTHS = (64, 128, 256, 512)  # paper Table 3: 3 -> 64 -> 128 -> 256 -> 512, pooled 16x
 HEAD_POOL = 2 ** len(HEAD_WIDTHS)  # the head's bottleneck sits at H/16: one cell per 16-px token
+# Context a tile needs on each side for the tiled head to equal the untiled one: a whole number of 16-px
+# cells (so pooling windows line up) covering the receptive field, the decoder's two 3x3 convs per stage
+# (2 x (1 + 2 + 4 + 8) = 30 px at full resolution) plus the encoder's (1 + 2 + 4 + 8 = 15 px) seen through
+# whole bottleneck cells. 48 px is the least halo that is exact on random weights; 64 keeps a cell to spare.
+HEAD_HALO = 64
 
 
 def conv_silu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
@@ -371,16 +409,39 @@ class DetailerHead(nn.Module):
         self.stages = len(widths)
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """x: noisy image (B, C, H, W); features: (B, dim, h, w), nearest-resized to (H/16, W/16) if needed."""
+    def forward(self, x: torch.Tensor, features: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """x: noisy image (B, C, H, W); features: (B, dim, h, w), nearest-resized to (H/16, W/16) if needed.
+
+        tile: run the head on tile x tile output regions, each with a HEAD_HALO margin of real context, so the
+        full-resolution activations stay bounded; the result equals the untiled head's (see HEAD_HALO)."""
+        H, W = x.shape[-2:]
+        if tile is None or (H <= tile and W <= tile):
+            return self.run(x, features, (0, 0), (H, W))
+        if tile % HEAD_POOL:
+            raise ValueError(f"head tile {tile} must be a multiple of {HEAD_POOL}")
+        out = torch.empty(x.shape[0], self.out_conv.out_channels, H, W, dtype=x.dtype, device=x.device)
+        for top in range(0, H, tile):
+            for left in range(0, W, tile):
+                y0, x0 = max(top - HEAD_HALO, 0), max(left - HEAD_HALO, 0)
+                y1, x1 = min(top + tile + HEAD_HALO, H), min(left + tile + HEAD_HALO, W)
+                part = self.run(x[:, :, y0:y1, x0:x1], features, (y0, x0), (H, W))
+                bottom, right = min(top + tile, H), min(left + tile, W)
+                out[:, :, top:bottom, left:right] = part[:, :, top - y0:bottom - y0, left - x0:right - x0]
+        return out
+
+    def run(self, x: torch.Tensor, features: torch.Tensor, origin: tuple[int, int], full: tuple[int, int]):
+        """The U-Net on x, a crop of a full (H, W) image starting at `origin` (multiples of 16). The features
+        of the crop are picked by nearest-neighbour indexing of the full image's (H/16, W/16) grid, as
+        F.interpolate(mode="nearest") would place them."""
         ckpt = self.gradient_checkpointing
         skips = []
         for i in range(1, self.stages + 1):
             x = run_block(getattr(self, f"enc{i}"), ckpt, x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        if features.shape[-2:] != x.shape[-2:]:
-            features = F.interpolate(features, size=x.shape[-2:], mode="nearest")
+        cells = [torch.arange(o // HEAD_POOL, o // HEAD_POOL + n, device=x.device) for o, n in zip(origin, x.shape[-2:])]
+        rows, cols = ((c * f // (n // HEAD_POOL)) for c, f, n in zip(cells, features.shape[-2:], full))
+        features = features[:, :, rows][:, :, :, cols]  # (B, dim, crop h/16, crop w/16)
         x = self.bottleneck(torch.cat([x, features.to(x.dtype)], dim=1))
         for i in range(self.stages, 0, -1):
             x = run_block(getattr(self, f"up{i}"), ckpt, x)
@@ -421,6 +482,7 @@ class PixelDiT(nn.Module):
         self.backbone = ZImageDiT(cfg.backbone)
         if cfg.output == "detailer":
             self.detailer_head = DetailerHead(cfg.backbone.in_channels, cfg.backbone.dim, cfg.head_widths)
+        self.head_tile: int | None = None  # sample.py / train.py set it to bound full-resolution memory
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for module in self.modules():
@@ -437,4 +499,4 @@ class PixelDiT(nn.Module):
         tokens = self.backbone.all_x_embedder[f"{patch}-1"](patchify(x.to(c.dtype), patch))
         h = self.backbone.transform(tokens, grid, c, captions)
         features = h.unflatten(1, grid).permute(0, 3, 1, 2)  # (B, h*w, dim) -> (B, dim, h, w)
-        return self.backbone.VELOCITY_SIGN * self.detailer_head(x.to(c.dtype), features)
+        return self.backbone.VELOCITY_SIGN * self.detailer_head(x.to(c.dtype), features, self.head_tile)

@@ -16,8 +16,10 @@ import argparse
 import json
 import math
 import os
+import resource
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 import hub
 import transfer
+from model import attention_settings
 from tokenizer import encode_prompts
 
 # Recommended inference of a Z-Image-Turbo source (its model card): 8 steps, no guidance.
@@ -38,6 +41,8 @@ PIXEL_STEPS = 30
 PIXEL_GUIDANCE = 2.0
 PIXEL_SHIFT = 3.0
 DEFAULT_SIZE = 1024  # Z-Image's and L2P's native resolution; a source's recipe card may name its own
+MAX_PIXEL_SHIFT = 6.0  # sigma <= 0.5 for raw sigma <= 1 / (shift + 1): a 7th of the steps at any size
+HIGH_RES_SHIFT_EXPONENT = math.log(4 / 3) / math.log(16)  # shift 3 at the native size -> 4 at 16x the pixels
 DEFAULT_RUN = Path("runs/l2p")  # where train.py writes by default
 # diffusers FlowMatchEulerDiscreteScheduler defaults for the resolution-dependent shift (mu)
 BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
@@ -88,7 +93,8 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, guidance: float) -> torch.Tensor:
+def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, guidance: float,
+                    **model_kwargs) -> torch.Tensor:
     """v = v_uncond + guidance * (v_cond - v_uncond), both halves in one batch; guidance 1 runs cond only.
 
     This is the convention of the L2P code (cfg 2.0). diffusers' ZImagePipeline writes pos + g (pos - neg),
@@ -96,9 +102,10 @@ def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, gui
     """
     dtype = next(model.parameters()).dtype
     if guidance == 1.0 or uncond is None:
-        return model(x.to(dtype), torch.full((len(x),), sigma, device=x.device), cond).float()
+        return model(x.to(dtype), torch.full((len(x),), sigma, device=x.device), cond, **model_kwargs).float()
     both = torch.cat([x, x]).to(dtype)
-    v_cond, v_uncond = model(both, torch.full((len(both),), sigma, device=x.device), cond + uncond).float().chunk(2)
+    sigmas = torch.full((len(both),), sigma, device=x.device)
+    v_cond, v_uncond = model(both, sigmas, cond + uncond, **model_kwargs).float().chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
@@ -123,12 +130,13 @@ def check_size(height: int, width: int, multiple: int, what: str) -> None:
 
 
 def denoise(model, text_encoder, tokenizer, prompts: list[str], x: torch.Tensor, sigmas: torch.Tensor,
-            guidance: float, negative_prompt: str = "", progress: bool = False) -> torch.Tensor:
+            guidance: float, negative_prompt: str = "", progress: bool = False, **model_kwargs) -> torch.Tensor:
     """Encode the prompts (and the negative prompt when guiding), then integrate from noise x to data."""
     cond = encode_prompts(text_encoder, tokenizer, prompts)
     uncond = encode_prompts(text_encoder, tokenizer, [negative_prompt] * len(prompts)) if guidance != 1 else None
     x = x.to(next(model.parameters()).device)
-    return euler_sample(lambda x, s: guided_velocity(model, x, s, cond, uncond, guidance), x, sigmas, progress)
+    velocity = lambda x, s: guided_velocity(model, x, s, cond, uncond, guidance, **model_kwargs)  # noqa: E731
+    return euler_sample(velocity, x, sigmas, progress)
 
 
 @torch.no_grad()
@@ -150,17 +158,38 @@ def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int]
 @torch.no_grad()
 def sample_pixels(model, text_encoder, tokenizer, prompts: list[str], seeds: list[int], height: int, width: int,
                   steps: int = PIXEL_STEPS, guidance: float = PIXEL_GUIDANCE, shift: float = PIXEL_SHIFT,
-                  negative_prompt: str = "", noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+                  negative_prompt: str = "", noise: torch.Tensor | None = None, progress: bool = False,
+                  patch: int | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from an L2P pixel model: Euler directly on RGB, no VAE.
 
     Schedule of the released sampler: sigmas = shift(linspace(1, 1/steps, steps)) then 0, shift 3 at 1K.
     """
-    patch = model.cfg.backbone.all_patch_size[0]
+    patch = patch or model.cfg.backbone.all_patch_size[0]
     check_size(height, width, patch, f"the pixel patch size {patch}")
     x = initial_noise(seeds, (3, height, width)) if noise is None else noise
     sigmas = source_sigmas(steps, {"shift": shift}, (height // patch) * (width // patch))
-    x = denoise(model, text_encoder, tokenizer, prompts, x, sigmas, guidance, negative_prompt, progress)
+    x = denoise(model, text_encoder, tokenizer, prompts, x, sigmas, guidance, negative_prompt, progress, patch=patch)
     return (x / 2 + 0.5).clamp(0, 1)
+
+
+def high_resolution_shift(height: int, width: int, native: int = DEFAULT_SIZE, base: float = PIXEL_SHIFT) -> float:
+    """The flow shift for a pixel model at any size: `base` at its native size, growing with the pixel count
+    (not the token count, which large patches keep at the native grid), bounded by MAX_PIXEL_SHIFT.
+
+    The paper raises the shift at 4K and found about 4 best (Fig. 12: 1 -> 4 better, 5 slightly worse). With
+    base 3 at 1024^2 the exponent makes 4096^2 (16x the pixels) exactly 4. The bound keeps the schedule spread
+    at any size; a rule linear in the token count (FLUX's mu) reaches mu = 11.5 at 65,536 tokens, where every
+    step but the last sits at sigma > 0.99, i.e. pure noise.
+    """
+    ratio = max(height * width / native**2, 1.0)
+    return min(MAX_PIXEL_SHIFT, base * ratio**HIGH_RES_SHIFT_EXPONENT)
+
+
+def choose_patch(patches: tuple[int, ...], height: int, width: int, native: int = DEFAULT_SIZE) -> int:
+    """The smallest available patch that keeps the token grid at most the native one (16 px at native size,
+    64 px at 4x: the paper's 4K recipe); the largest available one beyond that."""
+    needed = 16 * max(height, width) / native
+    return min((p for p in patches if p >= needed), default=max(patches))
 
 
 @dataclass
@@ -173,7 +202,8 @@ class ImageModel:
     pixel_model: object = None
 
     def defaults(self) -> dict:
-        """steps, guidance, shift, height, width: the recipe card's, else the source's or the L2P release's."""
+        """steps, guidance, shift, height, width: the recipe card's, else the source's or the L2P release's.
+        For a pixel model `shift` is the base shift at the native size (see high_resolution_shift)."""
         key = "sample" if self.kind == "pixel" else "synth"
         built_in = ({"steps": PIXEL_STEPS, "guidance": PIXEL_GUIDANCE, "shift": PIXEL_SHIFT} if self.kind == "pixel"
                     else {"steps": SOURCE_STEPS, "guidance": SOURCE_GUIDANCE, "shift": None})
@@ -181,13 +211,30 @@ class ImageModel:
         return built_in | {k: v for k, v in self.card.get(key, {}).items() if k in built_in} | {"height": height,
                                                                                                  "width": width}
 
+    @property
+    def native(self) -> int:
+        return max(self.card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
+
+    def settings(self, height: int, width: int, shift: float | None = None, patch: int | None = None) -> dict:
+        """The patch and shift a pixel model samples (height, width) with: given, else chosen for the size."""
+        if self.kind == "latent":
+            return {"patch": None, "shift": None}
+        patches = self.pixel_model.cfg.backbone.all_patch_size
+        if patch is not None and patch not in patches:
+            raise ValueError(f"--patch {patch}: this model has patch embedders for {patches}")
+        return {"patch": patch or choose_patch(patches, height, width, self.native),
+                "shift": shift or high_resolution_shift(height, width, self.native, self.defaults()["shift"])}
+
     def __call__(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, guidance: float,
-                 shift: float | None = None, negative_prompt: str = "", progress: bool = False) -> torch.Tensor:
+                 shift: float | None = None, negative_prompt: str = "", progress: bool = False,
+                 patch: int | None = None) -> torch.Tensor:
         if self.kind == "latent":
             return sample_latent(self.pipe, prompts, seeds, height, width, steps, guidance, negative_prompt,
                                  progress=progress)
+        chosen = self.settings(height, width, shift, patch)
         return sample_pixels(self.pixel_model, self.pipe.text_encoder, self.pipe.tokenizer, prompts, seeds, height,
-                             width, steps, guidance, shift or PIXEL_SHIFT, negative_prompt, progress=progress)
+                             width, steps, guidance, chosen["shift"], negative_prompt, progress=progress,
+                             patch=chosen["patch"])
 
 
 def is_latent_source(ckpt: str) -> bool:
@@ -221,8 +268,89 @@ def generate(ckpt: str, prompt: str, seed: int = 42, height: int | None = None, 
     model = load_model(ckpt, torch_dtype, device)
     d = model.defaults()
     image = model([prompt], [seed], height or d["height"], width or d["width"], steps or d["steps"],
-                  guidance if guidance is not None else d["guidance"], d["shift"])
+                  guidance if guidance is not None else d["guidance"])
     return to_pil(image[0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: what sampling a pixel model holds at its peak, to choose tiles and chunks and for --dry-run
+
+BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+EULER_IMAGE_COPIES = 8  # fp32 images alive in a guided step: x, the CFG batch (2), the model output (2), v (3 temps)
+BLOCK_ACTIVATIONS = 12  # (tokens x dim) tensors alive inside a block: residual, norm, q, k, v, attention, 2 x 8/3 MLP
+HEAD_SHARE = 0.25  # of the memory budget, for the Detailer Head's full-resolution activations (and attention's)
+TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128)
+
+
+def head_activation_bytes(widths, area: int, batch: int, dtype_bytes: int) -> int:
+    """The head's peak on `area` pixels: every encoder skip (w_i at 1/4^(i-1) of the area), the input, and the
+    last decoder stage's upsampled map, its concatenation with the skip and its output (4 w_1)."""
+    skips = sum(w * area / 4**i for i, w in enumerate(widths))
+    return int(batch * dtype_bytes * area * 3 + batch * dtype_bytes * (skips + 4 * widths[0] * area))
+
+
+def memory_estimate(cfg, params: int, height: int, width: int, patch: int, batch: int, guided: bool,
+                    caption_tokens: int, tile: int | None, chunk: int | None, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes per component of a pixel model's sampling step at its peak (upper bounds, see the constants)."""
+    from model import HEAD_HALO, ZIMAGE_SEQ_MULTIPLE, round_up
+
+    b, size = batch * (2 if guided else 1), BYTES[dtype]
+    bb = cfg.backbone
+    tokens = round_up((height // patch) * (width // patch), ZIMAGE_SEQ_MULTIPLE) + round_up(caption_tokens, 32)
+    area = height * width if not tile else min(tile + 2 * HEAD_HALO, height) * min(tile + 2 * HEAD_HALO, width)
+    return {
+        "weights": params * size,
+        "images": EULER_IMAGE_COPIES * batch * 3 * height * width * 4,
+        "transformer": b * tokens * bb.dim * size * BLOCK_ACTIVATIONS,
+        "attention scores": b * bb.n_heads * min(tokens, chunk or tokens) * tokens * 4,
+        "feature map": b * bb.dim * (height // 16) * (width // 16) * size,
+        "head": head_activation_bytes(cfg.head_widths, area, b, size) + (b * 3 * height * width * size if tile else 0),
+    }
+
+
+def auto_memory_settings(cfg, params, height, width, patch, batch, guided, caption_tokens, dtype, budget: int,
+                         tile: int | None = None, chunk: int | None = None) -> tuple[int | None, int | None]:
+    """Head tile and attention query chunk that fit HEAD_SHARE of `budget` each; given values are kept
+    (0 means off)."""
+    def estimate(t, c):
+        return memory_estimate(cfg, params, height, width, patch, batch, guided, caption_tokens, t, c, dtype)
+
+    share = HEAD_SHARE * budget
+    if tile is None and estimate(None, None)["head"] > share:
+        tile = next((t for t in TILE_CHOICES if t < max(height, width) and estimate(t, None)["head"] <= share),
+                    TILE_CHOICES[-1])
+    if chunk is None and estimate(None, None)["attention scores"] > share:
+        b = batch * (2 if guided else 1)
+        tokens = (height // patch) * (width // patch) + caption_tokens
+        chunk = max(256, int(share // (b * cfg.backbone.n_heads * tokens * 4)))
+    return tile or None, chunk or None
+
+
+def memory_budget(device: torch.device, gigabytes: float | None) -> int:
+    """--memory-budget, else 90% of the GPU's memory or 80% of the memory the system has available."""
+    if gigabytes:
+        return int(gigabytes * 2**30)
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    available = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable"))
+    return int(0.8 * int(available.split()[1]) * 1024)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Measured peak: CUDA's allocator peak, or the process's maximum resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def print_memory(parts: dict[str, int], baseline: int, measured: int | None = None) -> None:
+    total = sum(parts.values()) + baseline
+    rows = [(name, v) for name, v in parts.items()] + [("process baseline (measured)", baseline), ("total", total)]
+    for name, v in rows:
+        print(f"  {name:<28} {v / 2**30:8.3f} GiB", file=sys.stderr)
+    if measured is not None:
+        print(f"  {'measured peak':<28} {measured / 2**30:8.3f} GiB ({measured / total:.0%} of the estimate)",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,6 +422,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (consecutive seeds)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward batch")
     p.add_argument("--no-ema", action="store_true", help="L2P run folder: use the raw weights, not the EMA")
+    p.add_argument("--patch", type=int, help="L2P: patch size (default: the smallest keeping the native token grid)")
+    p.add_argument("--head-tile", type=int, help="L2P: Detailer Head tile in pixels, 0 = untiled "
+                                                 "(default: from the memory budget)")
+    p.add_argument("--attention-chunk", type=int, help="queries per attention call, 0 = all "
+                                                       "(default: from the memory budget)")
+    p.add_argument("--sdpa-backend", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"),
+                   help="CUDA: restrict scaled_dot_product_attention to one backend")
+    p.add_argument("--memory-budget", type=float, help="GiB that tiles and chunks are chosen for "
+                                                       "(default: 90%% of the GPU, 80%% of available RAM)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="L2P: print the estimated peak memory and the chosen patch, shift, tile and chunk; read no weights")
     p.add_argument("--out", type=Path, help="a .png file (one image) or a folder (default: sample.png or samples/)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
@@ -340,17 +479,30 @@ def main(argv=None) -> list[Path]:
                    "pixels per latent token")
     else:
         check_size(height, width, transfer.PIXEL_PATCH, "the pixel patch size")
-    folder = writable_folder(out.parent if single else out)
     device, dtype = pick_device_dtype(args.device, args.dtype)
+    plan = plan_pixel_sampling(args, card, prompts, height, width, device, dtype) if kind == "pixel" else None
+    if args.dry_run:
+        if plan is None:
+            raise ValueError("--dry-run estimates L2P pixel sampling; give an L2P checkpoint")
+        print(f"{height}x{width}, patch {plan['patch']}, shift {plan['shift']:.3f}, head tile {plan['tile']}, "
+              f"attention chunk {plan['chunk']}, batch {args.batch_size}", file=sys.stderr)
+        print_memory(plan["parts"], plan["baseline"])
+        return []
+    folder = writable_folder(out.parent if single else out)
     model = load_model(args.ckpt, dtype, device, source=args.source, transformer=args.transformer, ema=not args.no_ema)
     d = model.defaults()
-    steps, shift = args.steps or d["steps"], args.shift or d["shift"]
+    steps = args.steps or d["steps"]
     guidance = args.guidance if args.guidance is not None else d["guidance"]
+    if plan:
+        model.pixel_model.head_tile = plan["tile"]
+    patch, shift = (plan["patch"], plan["shift"]) if plan else (None, None)
+    backend = sdpa_backend(args.sdpa_backend, device)
     written = []
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
-        images = model([p for p, _ in batch], [s for _, s in batch], height, width, steps, guidance, shift,
-                       args.negative_prompt, progress=True)
+        with attention_settings(query_chunk=plan["chunk"] if plan else None), backend:
+            images = model([p for p, _ in batch], [s for _, s in batch], height, width, steps, guidance, shift,
+                           args.negative_prompt, progress=True, patch=patch)
         for i, ((prompt, seed), image) in enumerate(zip(batch, images)):
             path = out if single else folder / f"{start + i:05d}.png"
             settings = dict(prompt=prompt, seed=seed, ckpt=args.ckpt, steps=steps, guidance=guidance,
@@ -358,7 +510,52 @@ def main(argv=None) -> list[Path]:
             save_png(to_pil(image), path, settings)
             written.append(path)
             print(f"wrote {path}", file=sys.stderr)
+    if plan:
+        print("peak memory:", file=sys.stderr)
+        print_memory(plan["parts"], plan["baseline"], peak_memory(device))
     return written
+
+
+def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width: int, device, dtype) -> dict:
+    """Patch, shift, head tile, attention chunk and the memory estimate, from configs alone (no weights)."""
+    from model import PixelDiT
+    from tokenizer import Qwen3Config, Qwen3TextEncoder
+
+    cfg = transfer.peek_config(args.ckpt)
+    source = args.source or transfer.source_of(args.ckpt)
+    text_root = hub.resolve(source, ["text_encoder/config.json", "tokenizer/*"])
+    native = max(card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
+    patches = cfg.backbone.all_patch_size
+    if args.patch is not None and args.patch not in patches:
+        raise ValueError(f"--patch {args.patch}: this model has patch embedders for {patches}")
+    patch = args.patch or choose_patch(patches, height, width, native)
+    shift = args.shift or high_resolution_shift(height, width, native, card.get("sample", {}).get("shift", PIXEL_SHIFT))
+    with torch.device("meta"):
+        params = sum(p.numel() for m in (PixelDiT(cfg), Qwen3TextEncoder(Qwen3Config.from_dict(
+            hub.read_json(text_root / "text_encoder" / "config.json")))) for p in m.parameters())
+    _, mask = hub.load_tokenizer(text_root / "tokenizer")(prompts)
+    caption_tokens = int(mask.sum(1).max())
+    guidance = args.guidance if args.guidance is not None else card.get("sample", {}).get("guidance", PIXEL_GUIDANCE)
+    budget = memory_budget(device, args.memory_budget)
+    tile, chunk = auto_memory_settings(cfg, params, height, width, patch, args.batch_size, guidance != 1,
+                                       caption_tokens, dtype, budget, args.head_tile, args.attention_chunk)
+    parts = memory_estimate(cfg, params, height, width, patch, args.batch_size, guidance != 1, caption_tokens, tile,
+                            chunk, dtype)
+    baseline = 0 if device.type == "cuda" else peak_memory(device)
+    return {"patch": patch, "shift": shift, "tile": tile, "chunk": chunk, "parts": parts, "baseline": baseline}
+
+
+def sdpa_backend(name: str, device: torch.device):
+    """A context restricting scaled_dot_product_attention to one backend (CUDA), or a no-op for auto."""
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda" and name != "math":
+        raise ValueError(f"--sdpa-backend {name} needs CUDA (on CPU: auto or math)")
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([backends[name]])
 
 
 if __name__ == "__main__":

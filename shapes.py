@@ -508,7 +508,7 @@ def eval_command(args) -> list[dict]:
         d = model.defaults()
         scores, images, judged = evaluate(model, evaluation_specs(args.per_category), args.seeds,
                                           args.steps or d["steps"], d["guidance"] if args.guidance is None else args.guidance,
-                                          d["shift"], d["height"])
+                                          None, d["height"])
         out = Path(ckpt) / "shapeeval.png" if Path(ckpt).is_dir() else Path(ckpt).with_suffix(".shapeeval.png")
         grid(images, judged).save(out)
         print(f"wrote {out}", file=sys.stderr)
@@ -545,7 +545,7 @@ def claims_command(args) -> list[dict]:
     def judged(ckpt: str) -> dict:
         model = sample.load_model(ckpt)
         d = model.defaults()
-        scores, _, _ = evaluate(model, specs, args.seeds, d["steps"], d["guidance"], d["shift"], d["height"])
+        scores, _, _ = evaluate(model, specs, args.seeds, d["steps"], d["guidance"], None, d["height"])
         return scores
 
     start = time.time()

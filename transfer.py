@@ -107,6 +107,47 @@ def pixel_config(source: ZImageConfig, head_widths=HEAD_WIDTHS, patches=(PIXEL_P
     return PixelConfig(backbone, tuple(head_widths), output)
 
 
+def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A P-px patch embedder that starts as the 16-px embedding of the patch area-averaged down to 16 x 16.
+
+    Averaging k x k pixels (k = P / 16) is linear, so W_P[:, (i, j, c)] = W_16[:, (i // k, j // k, c)] / k^2
+    in the (ph, pw, c) patch order, and the bias stays. The transformer then sees a large-patch image as it
+    saw its 16-px tokens, and training starts from there (compared with random init in the toy world).
+    """
+    k = patch // PIXEL_PATCH
+    if patch % PIXEL_PATCH or k < 1:
+        raise ValueError(f"patch {patch} is not a multiple of {PIXEL_PATCH}")
+    w = weight.reshape(weight.shape[0], PIXEL_PATCH, PIXEL_PATCH, -1)  # (dim, ph, pw, c)
+    w = w.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2) / k**2
+    return w.reshape(weight.shape[0], -1), bias.clone()
+
+
+def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "downsampled") -> PixelDiT:
+    """A pixel model with embedders for more patch sizes; new ones start from the 16-px embedder (see
+    downsampled_embedder) or, with init="random", at PyTorch's default init. Existing ones are kept."""
+    have = model.cfg.backbone.all_patch_size
+    patches = tuple(sorted(set(have) | set(patches)))
+    if patches == have:
+        return model
+    cfg = replace(model.cfg, backbone=replace(model.cfg.backbone, all_patch_size=patches,
+                                              all_f_patch_size=(1,) * len(patches)))
+    bigger = PixelDiT(cfg).to(next(model.parameters()).device)
+    state = model.state_dict()
+    base = model.backbone.all_x_embedder[f"{PIXEL_PATCH}-1"]
+    for patch in patches:
+        if patch not in have and init == "downsampled":
+            w, b = downsampled_embedder(base.weight.data, base.bias.data, patch)
+            state |= {f"backbone.all_x_embedder.{patch}-1.weight": w, f"backbone.all_x_embedder.{patch}-1.bias": b}
+        elif patch not in have:
+            new = bigger.backbone.all_x_embedder[f"{patch}-1"]
+            state |= {f"backbone.all_x_embedder.{patch}-1.{n}": t for n, t in new.state_dict().items()}
+    bigger.load_state_dict(state)
+    for name, p in bigger.named_parameters():  # keep the model's trained / frozen split; new embedders train
+        p.requires_grad_(name.startswith("backbone.all_x_embedder.") or dict(model.named_parameters())
+                         .get(name, p).requires_grad)
+    return bigger
+
+
 def transfer(source: ZImageDiT, plan: FreezePlan = FreezePlan(), head_widths=HEAD_WIDTHS, seed: int = 0,
              verbose: bool = True, copy: bool = True, output: str = "detailer") -> PixelDiT:
     """The pixel model: source tensors copied where name and shape match, new layers at default init (seeded),
@@ -209,6 +250,21 @@ def source_of(ckpt: str) -> str:
         path = latest_checkpoint(path)
     meta = read_metadata(path)
     return meta["source"]["id"] if meta else OFFICIAL_TEXT_SOURCE
+
+
+def peek_config(ckpt: str) -> PixelConfig:
+    """An L2P checkpoint's pixel config from its metadata or, for the release, its header's shapes: no weights."""
+    path = hub.resolve(ckpt)
+    if path.is_dir():
+        path = latest_checkpoint(path)
+    meta = read_metadata(path)
+    if meta:
+        return PixelConfig.from_dict(meta["config"])
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    if not is_official_release(shapes):
+        raise hub.CheckpointError(f"{path}: not an L2P checkpoint")
+    return official_config(shapes)
 
 
 def load_pixel_model(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *, source: str | None = None,

@@ -1,0 +1,95 @@
+"""High resolution: exact chunked attention and tiled head, large-patch embedders, a bounded shift."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+import sample
+import transfer
+from model import DetailerHead, attention, attention_settings, key_padding_mask, patchify
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_attention_equals_full_attention(masked):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 300, 16, generator=g) for _ in range(3))
+    mask = key_padding_mask(torch.tensor([300, 217]), 300) if masked else None
+    full = attention(q, k, v, mask)
+    with attention_settings(query_chunk=64):
+        chunked = attention(q, k, v, mask)
+    assert (chunked - full).abs().max() < 1e-5
+    causal = torch.ones(300, 300, dtype=torch.bool).tril()[None, None]  # a mask with a query dimension too
+    with attention_settings(query_chunk=97):
+        chunked = attention(q, k, v, causal)
+    assert (chunked - F.scaled_dot_product_attention(q, k, v, attn_mask=causal)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("size,features", [((320, 448), (20, 28)), ((320, 448), (5, 7)), ((256, 256), (4, 4))])
+def test_tiled_head_equals_untiled_head(size, features):
+    """16-px-grid features, and a 64-px-patch grid the head upsamples 4x; tiles of 96 and 128 px."""
+    torch.manual_seed(0)
+    head = DetailerHead(3, 32, (8, 16, 32, 64))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+        x, f = torch.randn(2, 3, *size), torch.randn(2, 32, *features)
+        full = head(x, f)
+        for tile in (96, 128):
+            assert (head(x, f, tile=tile) - full).abs().max() / full.abs().max() < 1e-5
+    with pytest.raises(ValueError, match="head tile 100 must be a multiple of 16"):
+        head(x, f, tile=100)
+
+
+def test_pixel_model_with_tiles_and_chunks_equals_plain(pipeline_dir):
+    import hub
+
+    source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
+    pixel = transfer.add_patch_sizes(transfer.transfer(source, head_widths=(8, 16, 32, 64), verbose=False), (32, 64))
+    x, sigma, caps = torch.randn(2, 3, 256, 192), torch.tensor([0.3, 0.8]), [torch.randn(5, 32), torch.randn(40, 32)]
+    with torch.no_grad():
+        for patch in (16, 64):
+            plain = pixel(x, sigma, caps, patch)
+            pixel.head_tile = 96
+            with attention_settings(query_chunk=50):
+                tiled = pixel(x, sigma, caps, patch)
+            pixel.head_tile = None
+            assert (tiled - plain).abs().max() / plain.abs().max() < 1e-5
+
+
+def test_large_patch_embedder_starts_as_the_16px_embedding_of_the_downsampled_image():
+    torch.manual_seed(0)
+    embedder = torch.nn.Linear(16 * 16 * 3, 48)
+    x = torch.randn(2, 3, 256, 192)
+    for patch in (32, 64):
+        w, b = transfer.downsampled_embedder(embedder.weight.data, embedder.bias.data, patch)
+        big = patchify(x, patch) @ w.T + b
+        small = embedder(patchify(F.avg_pool2d(x, patch // 16), 16)).detach()
+        assert (big - small).abs().max() / small.abs().max() < 1e-5
+
+
+def test_high_resolution_shift_is_bounded_and_the_schedule_stays_spread():
+    assert sample.high_resolution_shift(1024, 1024) == pytest.approx(3.0)
+    assert sample.high_resolution_shift(4096, 4096) == pytest.approx(4.0)  # the paper's best at 4K
+    assert sample.high_resolution_shift(10 ** 6, 10 ** 6) == sample.MAX_PIXEL_SHIFT
+    tokens = (4096 // 16) ** 2  # 65,536: 4K with 16-px patches
+    for height in (4096, 10240, 10 ** 5):
+        sigmas = sample.source_sigmas(30, {"shift": sample.high_resolution_shift(height, height)}, tokens)
+        assert (sigmas[:-1] <= 0.5).float().mean() >= 1 / 8 and sigmas[-2] < 0.2
+    # what a token-count-linear rule (FLUX's dynamic mu, diffusers defaults) does at that size: pure noise
+    flux = sample.source_sigmas(30, {"use_dynamic_shifting": True}, tokens)
+    assert (flux[:-1] > 0.99).float().mean() > 0.9
+
+
+def test_patch_choice_keeps_the_native_grid():
+    assert sample.choose_patch((16, 32, 64), 1024, 1024) == 16
+    assert sample.choose_patch((16, 32, 64), 2048, 1536) == 32
+    assert sample.choose_patch((16, 32, 64), 4096, 4096) == 64
+    assert sample.choose_patch((16,), 4096, 4096) == 16
+    assert sample.choose_patch((16, 32, 64), 512, 512, native=128) == 64
