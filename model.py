@@ -424,7 +424,9 @@ class DetailerHead(nn.Module):
             for left in range(0, W, tile):
                 y0, x0 = max(top - HEAD_HALO, 0), max(left - HEAD_HALO, 0)
                 y1, x1 = min(top + tile + HEAD_HALO, H), min(left + tile + HEAD_HALO, W)
-                part = self.run(x[:, :, y0:y1, x0:x1], features, (y0, x0), (H, W))
+                # in training each tile is recomputed in the backward pass, so only one tile's activations live
+                part = run_block(self.run, self.gradient_checkpointing, x[:, :, y0:y1, x0:x1], features, (y0, x0),
+                                 (H, W))
                 bottom, right = min(top + tile, H), min(left + tile, W)
                 out[:, :, top:bottom, left:right] = part[:, :, top - y0:bottom - y0, left - x0:right - x0]
         return out

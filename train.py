@@ -45,7 +45,7 @@ TRAIN_SHIFT = 3.0
 PAPER_LR, PAPER_WEIGHT_DECAY = 5e-5, 0.01  # paper Table 3, AdamW
 # Arguments that define a run: a resume must repeat them (the rest, like --steps, may change).
 RUN_DEFINING = ("ckpt", "data", "batch_size", "world_size", "lr", "weight_decay", "warmup", "clip", "ema", "freeze",
-                "blocks", "head_widths", "init", "output", "seed", "fresh_noise")
+                "blocks", "head_widths", "init", "output", "patch", "patch_init", "seed", "fresh_noise")
 PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "blocks": 5,
                   "head_widths": ",".join(map(str, HEAD_WIDTHS))}
 
@@ -104,10 +104,11 @@ def training_sigmas(shift: float = TRAIN_SHIFT) -> torch.Tensor:
     return sample.shift_sigmas(torch.linspace(1.0, 0.0, TRAIN_GRID + 1)[:-1], shift)
 
 
-def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, captions) -> torch.Tensor:
+def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, captions,
+                       patch: int | None = None) -> torch.Tensor:
     """Paper Eq. 5: MSE between the predicted velocity at x_sigma and noise - x0, in float32."""
     s = sigma[:, None, None, None]
-    velocity = model((1 - s) * x0 + s * noise, sigma, captions)
+    velocity = model((1 - s) * x0 + s * noise, sigma, captions, patch)
     return F.mse_loss(velocity.float(), (noise - x0).float())
 
 
@@ -143,14 +144,14 @@ class TextFeatures:
 # Checkpoints
 
 
-def save_checkpoint(out: Path, step: int, model, plan, source: dict, optimizer, ema: dict | None, args) -> Path:
+def save_checkpoint(out: Path, step: int, model, plan, source: dict, optimizer, ema: dict | None, args, keep=()) -> Path:
     """step-NNNNNN/ with model, EMA and state files, written to a temporary folder then renamed; then `latest`."""
     name = f"step-{step:06d}"
     tmp = out / f".{name}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    transfer.save_trained(tmp / "model.safetensors", model, plan, source, step=step)
+    transfer.save_trained(tmp / "model.safetensors", model, plan, source, keep=keep, step=step)
     if ema is not None:
-        transfer.save_trained(tmp / "ema.safetensors", model, plan, source, tensors=ema, step=step)
+        transfer.save_trained(tmp / "ema.safetensors", model, plan, source, tensors=ema, keep=keep, step=step)
     names = {id(p): n for n, p in model.named_parameters()}
     state = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -224,8 +225,14 @@ def parse_args(argv=None):
     p.add_argument("--freeze", default="released", help="freeze plan: released (default), paper or full")
     p.add_argument("--blocks", type=int, help="main blocks trained at each end (default: card, else the paper's n = 5)")
     p.add_argument("--head-widths", help="Detailer Head channels per stage (default: card, else 64,128,256,512)")
-    p.add_argument("--init", default="transfer", choices=("transfer", "scratch"),
-                   help="transfer: copy the source's weights (L2P); scratch: the same architecture at random init")
+    p.add_argument("--init", default="transfer",
+                   help="transfer: copy the source's weights (L2P); scratch: the same architecture at random init; "
+                        "or an L2P checkpoint / run folder to continue from (e.g. a 1K model for 4K training)")
+    p.add_argument("--patch", type=int, default=transfer.PIXEL_PATCH,
+                   help="pixel patch to train at: 16 at the native size; 64 at 4x keeps the token grid (paper 4K)")
+    p.add_argument("--patch-init", default="downsampled", choices=("downsampled", "random"),
+                   help="a new large-patch embedder: the 16-px one on area-downsampled pixels, or default init")
+    p.add_argument("--head-tile", type=int, help="Detailer Head tile in pixels (bounds full-resolution memory)")
     p.add_argument("--output", default="detailer", choices=("detailer", "linear"),
                    help="detailer: the Detailer Head (L2P); linear: a per-patch linear output layer instead")
     p.add_argument("--fresh-noise", action="store_true", help="new noise every step instead of the image's seed")
@@ -276,7 +283,7 @@ def train(argv=None) -> dict:
     except ValueError:
         raise ValueError(f"--head-widths {args.head_widths!r}: expected 4 comma-separated integers") from None
     corpus = Corpus(args.data)
-    sample.check_size(corpus.height, corpus.width, transfer.PIXEL_PATCH, f"corpus images in {args.data}")
+    sample.check_size(corpus.height, corpus.width, args.patch, f"corpus images in {args.data}")
     out = sample.writable_folder(args.out)
     resume_from = check_resume(out, args)
     device = torch.device(f"cuda:{local_rank}" if args.device == "auto" and torch.cuda.is_available() else
@@ -289,11 +296,26 @@ def train(argv=None) -> dict:
     if rank == 0 and resume_from is None:
         sample.write_text_atomic(out / "args.json", json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
 
-    # The model: source -> transfer. Trained tensors in float32 (master weights), frozen ones in compute dtype.
+    # The model: source -> transfer (or an earlier L2P stage). Trained tensors in float32 (master weights),
+    # frozen ones in the compute dtype.
     source = hub.load_pipeline(args.ckpt, compute_dtype, device, parts=("transformer",))
-    model = transfer.transfer(source.transformer, plan, head_widths, seed=args.seed, verbose=rank == 0,
-                              copy=args.init == "transfer", output=args.output)
+    keep = ()
+    if args.init in ("transfer", "scratch"):
+        model = transfer.transfer(source.transformer, plan, head_widths, seed=args.seed, verbose=rank == 0,
+                                  copy=args.init == "transfer", output=args.output)
+    else:
+        model, meta = transfer.load_pixel_model(args.init, torch.float32, device)
+        recorded = meta["source"].get("transformer_sha256")
+        if recorded and recorded != source.transformer_sha256:
+            raise hub.CheckpointError(f"--init {args.init}: built on other source weights than --ckpt {args.ckpt}")
+        # what the earlier stage changed stays in our checkpoints even where this stage freezes it
+        keep = (set(hub.read_tensors(transfer.latest_checkpoint(Path(args.init)) if Path(args.init).is_dir()
+                                     else Path(args.init))) if meta["kind"] == "trained" else
+                set(dict(model.named_parameters())))
+        transfer.apply_freeze_plan(model, plan)
     del source.transformer
+    model = transfer.add_patch_sizes(model, (args.patch,), args.patch_init)
+    model.head_tile = args.head_tile
     for p in model.parameters():
         p.data = p.data.to(device, torch.float32 if p.requires_grad else compute_dtype)
     model.set_gradient_checkpointing(args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and device.type == "cuda"))
@@ -313,7 +335,7 @@ def train(argv=None) -> dict:
                          for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         losses = run_steps(args, step, net, model, plan, source.source, optimizer, ema, corpus, text, device,
-                           compute_dtype, out, rank, world, stop)
+                           compute_dtype, out, rank, world, stop, keep)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
@@ -323,7 +345,7 @@ def train(argv=None) -> dict:
 
 
 def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text, device, compute_dtype, out,
-              rank, world, stop) -> list[float]:
+              rank, world, stop, keep=()) -> list[float]:
     """The training loop from `step` to --steps; returns the per-step losses averaged over ranks."""
     trained = [p for p in model.parameters() if p.requires_grad]
     sigmas = training_sigmas()
@@ -341,7 +363,7 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
             noise = sample.initial_noise([corpus.rows[i]["seed"] for _, i in batch], tuple(x0.shape[1:]))
         captions = text([corpus.rows[i]["prompt"] for _, i in batch])
         with autocast:
-            loss = flow_matching_loss(net, x0.to(device), noise.to(device), sigma.to(device), captions)
+            loss = flow_matching_loss(net, x0.to(device), noise.to(device), sigma.to(device), captions, args.patch)
         loss.backward()
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(trained, args.clip)
@@ -373,7 +395,7 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
         stopping = bool(report[1] > 0)
         if step % args.save_every == 0 or step == args.steps or stopping:
             if rank == 0:
-                saved = save_checkpoint(out, step, model, plan, source, optimizer, ema, args)
+                saved = save_checkpoint(out, step, model, plan, source, optimizer, ema, args, keep)
                 print(f"saved {saved}", file=sys.stderr)
             if world > 1:
                 dist.barrier()  # no rank runs ahead of (or exits before) a checkpoint being written

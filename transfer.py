@@ -131,20 +131,21 @@ def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "down
         return model
     cfg = replace(model.cfg, backbone=replace(model.cfg.backbone, all_patch_size=patches,
                                               all_f_patch_size=(1,) * len(patches)))
-    bigger = PixelDiT(cfg).to(next(model.parameters()).device)
-    state = model.state_dict()
+    state, trains = model.state_dict(), {n: p.requires_grad for n, p in model.named_parameters()}
     base = model.backbone.all_x_embedder[f"{PIXEL_PATCH}-1"]
-    for patch in patches:
-        if patch not in have and init == "downsampled":
+    for patch in sorted(set(patches) - set(have)):
+        if init == "downsampled":
             w, b = downsampled_embedder(base.weight.data, base.bias.data, patch)
-            state |= {f"backbone.all_x_embedder.{patch}-1.weight": w, f"backbone.all_x_embedder.{patch}-1.bias": b}
-        elif patch not in have:
-            new = bigger.backbone.all_x_embedder[f"{patch}-1"]
-            state |= {f"backbone.all_x_embedder.{patch}-1.{n}": t for n, t in new.state_dict().items()}
-    bigger.load_state_dict(state)
-    for name, p in bigger.named_parameters():  # keep the model's trained / frozen split; new embedders train
-        p.requires_grad_(name.startswith("backbone.all_x_embedder.") or dict(model.named_parameters())
-                         .get(name, p).requires_grad)
+        else:
+            fresh = torch.nn.Linear(patch * patch * 3, base.out_features, device=base.weight.device)
+            w, b = fresh.weight.data, fresh.bias.data
+        state |= {f"backbone.all_x_embedder.{patch}-1.weight": w, f"backbone.all_x_embedder.{patch}-1.bias": b}
+    with torch.device("meta"):
+        bigger = PixelDiT(cfg)
+    bigger.load_state_dict(state, assign=True)
+    bigger.head_tile = model.head_tile
+    for name, p in bigger.named_parameters():  # the model's trained / frozen split; new embedders train
+        p.requires_grad_(trains.get(name, True))
     return bigger
 
 
@@ -200,10 +201,12 @@ def read_metadata(path: Path) -> dict:
     return {k: json.loads(v) for k, v in raw.items()}
 
 
-def save_trained(path: Path, model: PixelDiT, plan: FreezePlan, source: dict, tensors=None, **extra) -> None:
-    """The trained tensors only (or `tensors`, e.g. their EMA, under the same names) plus what rebuilds the rest."""
+def save_trained(path: Path, model: PixelDiT, plan: FreezePlan, source: dict, tensors=None, keep=(), **extra) -> None:
+    """The trained tensors only (or `tensors`, e.g. their EMA, under the same names) plus what rebuilds the
+    rest; `keep` names frozen tensors that differ from the source's transfer too (an earlier stage trained them)."""
     params = dict(model.named_parameters())
-    tensors = tensors if tensors is not None else {n: params[n] for n in trained_names(model)}
+    tensors = (tensors if tensors is not None else {n: params[n] for n in trained_names(model)}) | \
+        {n: params[n] for n in keep if not params[n].requires_grad}
     metadata = {"format": CHECKPOINT_FORMAT, "kind": "trained", "config": model.cfg.to_dict(),
                 "freeze_plan": asdict(plan), "source": source} | extra
     atomic_save({n: t.float() for n, t in tensors.items()}, path, metadata)
@@ -309,13 +312,15 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
     plan = FreezePlan(**meta["freeze_plan"])
     if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.backbone.all_patch_size, cfg.output):
         raise hub.CheckpointError(f"{path}: its pixel config does not follow from source {pipe.name}")
-    model = transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output)
+    model = add_patch_sizes(transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output),
+                            cfg.backbone.all_patch_size)
     trained = hub.read_tensors(path, device)
-    expected = set(trained_names(model))
-    if set(trained) != expected:
-        missing, extra = sorted(expected - set(trained)), sorted(set(trained) - expected)
+    # the plan's trained tensors, and those an earlier stage trained (a 4K run started from a 1K one)
+    missing = sorted(set(trained_names(model)) - set(trained))
+    extra = sorted(set(trained) - set(dict(model.named_parameters())))
+    if missing or extra:
         raise hub.CheckpointError(f"{path}: trained tensors do not match its freeze plan: {len(missing)} missing "
-                                  f"(e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]})")
+                                  f"(e.g. {missing[:5]}), {len(extra)} unknown (e.g. {extra[:5]})")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, t in trained.items():

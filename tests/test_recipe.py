@@ -361,3 +361,34 @@ def test_output_folder_that_cannot_be_written(pipeline_dir, corpus, tmp_path):
         sample.main(["--ckpt", str(pipeline_dir), "--prompt", "x", "--h", "32", "--w", "32",
                      "--out", str(blocker / "x.png")])
     assert blocker.read_text() == "not a folder"
+
+
+def test_high_resolution_stage_continues_a_native_run(pipeline_dir, corpus, tmp_path):
+    """4x the corpus size at 64-px patches: the token grid is unchanged; the stage starts from the 1x run, trains
+    a freshly initialised 64-px embedder with a tiled head, and keeps what the 1x stage trained even where it
+    now freezes it (the paper plan freezes the refiners that the released plan trained)."""
+    first = tmp_path / "native"
+    train.train(train_args(pipeline_dir, corpus, first, "--steps", "2"))
+    big = tmp_path / "data4x"
+    big.mkdir()
+    rows = []
+    for line in (corpus / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        Image.open(corpus / row["file"]).resize((384, 256), Image.NEAREST).save(big / row["file"])
+        rows.append(json.dumps(row | {"height": 256, "width": 384}))
+    (big / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    second = tmp_path / "4x"
+    train.train(train_args(pipeline_dir, big, second, "--steps", "2", "--init", str(first), "--patch", "64",
+                           "--head-tile", "128", "--freeze", "paper"))
+    stage1, _ = transfer.load_pixel_model(str(first))
+    stage2, meta = transfer.load_pixel_model(str(second))
+    assert meta["config"]["backbone"]["all_patch_size"] == [16, 64]
+    refiner = "backbone.noise_refiner.0.attention.to_q.weight"
+    assert torch.equal(stage2.state_dict()[refiner], stage1.state_dict()[refiner])
+    assert not torch.equal(stage2.state_dict()["backbone.all_x_embedder.64-1.weight"],
+                           transfer.downsampled_embedder(stage1.backbone.all_x_embedder["16-1"].weight,
+                                                         stage1.backbone.all_x_embedder["16-1"].bias, 64)[0])
+    png = tmp_path / "4x.png"
+    sample.main(["--ckpt", str(second), "--prompt", "a red circle", "--h", "256", "--w", "384", "--patch", "64",
+                 "--head-tile", "128", "--steps", "2", "--out", str(png)])
+    assert Image.open(png).size == (384, 256)
