@@ -2,6 +2,7 @@
 
     python bench.py dit      # our Z-Image DiT forward vs diffusers' on the same weights
     python bench.py train    # a training step under each freeze plan: time, gradients, optimizer state, peak memory
+    python bench.py highres  # the paper's Figure 4: pixel model vs the latent pipeline of the same backbone
 
 Each comparison runs both sides in one process on the same weights and inputs, interleaved, and reports
 medians and their ratio: these machines are noisy, ratios measured side by side are not. The reference
@@ -115,6 +116,93 @@ def bench_train(args) -> list[dict]:
     return rows
 
 
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, use_quant_conv=False,
+                use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)  # Z-Image's VAE
+
+
+def timed(fn, device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def highres_child(args) -> dict:
+    """One measurement in a fresh process: (seconds, peak bytes of the whole process or of CUDA's allocator,
+    weights included) of the latent transformer step, the VAE decode, or the pixel model step."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+
+    from model import PixelDiT
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    head_dim = args.dim // args.heads
+    axes = [head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8]
+    torch.manual_seed(0)
+    caption = [torch.randn(args.caption_tokens, args.cap_dim, device=device, dtype=dtype)]
+    t = torch.full((1,), 0.5, device=device)
+    latent = torch.randn(1, 16, args.side // 8, args.side // 8, device=device, dtype=dtype)
+    with torch.device(device), torch.inference_mode():
+        if args.child == "latent":
+            ref = ZImageTransformer2DModel(dim=args.dim, n_layers=args.layers, n_refiner_layers=args.refiners,
+                                           n_heads=args.heads, n_kv_heads=args.heads, cap_feat_dim=args.cap_dim,
+                                           axes_dims=axes).to(dtype).eval()
+            step = lambda: ref([latent[0, :, None]], t, caption, return_dict=False)  # noqa: E731
+        elif args.child == "decode":
+            vae = AutoencoderKL(**FLUX_VAE).to(dtype).eval()
+            step = lambda: vae.decode(latent)  # noqa: E731
+        else:
+            cfg = ZImageConfig(dim=args.dim, n_layers=args.layers, n_refiner_layers=args.refiners, n_heads=args.heads,
+                               n_kv_heads=args.heads, cap_feat_dim=args.cap_dim, axes_dims=tuple(axes))
+            ours = PixelDiT(transfer.pixel_config(cfg, patches=(args.patch,))).to(dtype).eval()
+            ours.head_tile = args.head_tile
+            image = torch.randn(1, 3, args.side, args.side, dtype=dtype)
+            step = lambda: ours(image, t, caption, args.patch)  # noqa: E731
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timed(step, device, 1 if args.child == "decode" else args.repeats)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"seconds": seconds, "peak": peak}
+
+
+def bench_highres(args) -> list[dict]:
+    """Per-step latency and peak memory of the pixel model at each size and patch against the reference latent
+    pipeline (diffusers' Z-Image transformer + the 16-channel VAE, random weights, the same backbone config),
+    whose whole sample also pays a VAE decode at the output size. One forward per step, batch 1, no guidance;
+    each measurement in its own process, peaks with the weights included. On CPU the sides are divided by
+    --scale and the backbone is narrow; on a GPU: --scale 1 --dim 3840 --layers 30 --heads 30 --refiners 2."""
+    common = ["--dim", str(args.dim), "--layers", str(args.layers), "--heads", str(args.heads), "--refiners",
+              str(args.refiners), "--cap-dim", str(args.cap_dim), "--caption-tokens", str(args.caption_tokens),
+              "--repeats", str(args.repeats)] + (["--head-tile", str(args.head_tile)] if args.head_tile else [])
+
+    def child(kind: str, side: int, patch: int = 16) -> dict:
+        cmd = [sys.executable, __file__, "highres", "--child", kind, "--side", str(side), "--patch", str(patch)]
+        done = subprocess.run(cmd + common, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rows = []
+    for size in args.sizes:
+        side = size // args.scale
+        latent, decode = child("latent", side), child("decode", side)
+        row = {"size": size, "px": side, "latent step s": latent["seconds"], "decode s": decode["seconds"],
+               "latent sample GiB": max(latent["peak"], decode["peak"]) / 2**30}
+        for patch in args.patches:
+            ours = child("pixel", side, patch)
+            row |= {f"p{patch} step s": ours["seconds"], f"p{patch} GiB": ours["peak"] / 2**30,
+                    f"p{patch} latency": ours["seconds"] / latent["seconds"],
+                    f"p{patch} memory": ours["peak"] / max(latent["peak"], decode["peak"])}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(rows[0]) + " |")
     print("|" + "---|" * len(rows[0]))
@@ -144,12 +232,27 @@ def main(argv=None):
     tr.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
     tr.add_argument("--plan", default="released", help=argparse.SUPPRESS)
     tr.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    hr = sub.add_parser("highres", help="Figure 4: pixel model per-step latency / peak memory vs the latent pipeline")
+    hr.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="nominal output sides")
+    hr.add_argument("--scale", type=int, default=8, help="divide the sides by this (1 on a GPU: full size)")
+    hr.add_argument("--patches", type=int, nargs="+", default=[16, 32, 64])
+    hr.add_argument("--dim", type=int, default=256)
+    hr.add_argument("--layers", type=int, default=6)
+    hr.add_argument("--heads", type=int, default=4)
+    hr.add_argument("--refiners", type=int, default=1)
+    hr.add_argument("--cap-dim", type=int, default=256)
+    hr.add_argument("--caption-tokens", type=int, default=128)
+    hr.add_argument("--head-tile", type=int, help="tile the Detailer Head (pixels)")
+    hr.add_argument("--repeats", type=int, default=3)
+    hr.add_argument("--child", help=argparse.SUPPRESS)
+    hr.add_argument("--side", type=int, help=argparse.SUPPRESS)
+    hr.add_argument("--patch", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = p.parse_args(argv)
-    if args.what == "train" and args.child:
-        print(json.dumps(train_step_child(args)))
+    if args.what in ("train", "highres") and args.child:
+        print(json.dumps(train_step_child(args) if args.what == "train" else highres_child(args)))
         return None
-    result = {"dit": bench_dit, "train": bench_train}[args.what](args)
+    result = {"dit": bench_dit, "train": bench_train, "highres": bench_highres}[args.what](args)
     rows = result if isinstance(result, list) else [result]
     print_table(rows)
     if args.json:
