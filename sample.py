@@ -472,8 +472,8 @@ def main(argv=None) -> list[Path]:
         raise ValueError(f"--out {out} is one file but there are {len(jobs)} images: give a folder")
     if min(args.steps or 1, args.batch_size, args.images_per_prompt) < 1:
         raise ValueError("--steps, --batch-size and --images-per-prompt must be at least 1")
-    height, width = (args.h, args.w) if args.h and args.w else card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
-    height, width = args.h or height, args.w or width
+    card_height, card_width = card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
+    height, width = args.h or card_height, args.w or card_width
     if kind == "latent":
         check_size(height, width, hub.latent_pixel_multiple(hub.resolve(args.ckpt), args.transformer),
                    "pixels per latent token")

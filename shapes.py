@@ -558,7 +558,8 @@ def claims_command(args) -> list[dict]:
                      "--steps", str(steps), "--log-every", "50", *flags])
         wall = time.time() - start
         model, _ = transfer.load_pixel_model(str(out))
-        trained = sum(t.numel() for t in hub.read_tensors(transfer.latest_checkpoint(out, ema=False)).values())
+        saved = transfer.tensor_names(transfer.checkpoint_file(str(out), ema=False))
+        trained = sum(p.numel() for n, p in model.named_parameters() if n in saved)
         rows.append({"row": name, "trained params": f"{trained / 1e6:.2f}M", "wall s": f"{wall:.0f}"} | judged(str(out)))
         print(table(rows), file=sys.stderr)
     source_score = rows[0]["overall"]

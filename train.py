@@ -309,9 +309,8 @@ def train(argv=None) -> dict:
         if recorded and recorded != source.transformer_sha256:
             raise hub.CheckpointError(f"--init {args.init}: built on other source weights than --ckpt {args.ckpt}")
         # what the earlier stage changed stays in our checkpoints even where this stage freezes it
-        keep = (set(hub.read_tensors(transfer.latest_checkpoint(Path(args.init)) if Path(args.init).is_dir()
-                                     else Path(args.init))) if meta["kind"] == "trained" else
-                set(dict(model.named_parameters())))
+        keep = (transfer.tensor_names(transfer.checkpoint_file(args.init, ema=False)) if meta["kind"] == "trained"
+                else set(dict(model.named_parameters())))
         transfer.apply_freeze_plan(model, plan)
     del source.transformer
     model = transfer.add_patch_sizes(model, (args.patch,), args.patch_init)

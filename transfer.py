@@ -236,6 +236,17 @@ def is_official_release(tensors: dict) -> bool:
     return any(k.startswith("local_decoder.") for k in tensors) and f"all_x_embedder.{PIXEL_PATCH}-1.weight" in tensors
 
 
+def checkpoint_file(ckpt: str, ema: bool = True) -> Path:
+    """A checkpoint argument -> one safetensors file: a training run folder gives its latest checkpoint."""
+    path = hub.resolve(ckpt)
+    return latest_checkpoint(path, ema) if path.is_dir() else path
+
+
+def tensor_names(path: Path) -> set[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
 def latest_checkpoint(folder: Path, ema: bool = True) -> Path:
     """A training run folder -> its latest checkpoint file (the EMA weights when present and wanted)."""
     pointer = folder / "latest"
@@ -248,18 +259,13 @@ def latest_checkpoint(folder: Path, ema: bool = True) -> Path:
 
 def source_of(ckpt: str) -> str:
     """The source id an L2P checkpoint records (the release: Z-Image-Turbo), from metadata only."""
-    path = hub.resolve(ckpt)
-    if path.is_dir():
-        path = latest_checkpoint(path)
-    meta = read_metadata(path)
+    meta = read_metadata(checkpoint_file(ckpt))
     return meta["source"]["id"] if meta else OFFICIAL_TEXT_SOURCE
 
 
 def peek_config(ckpt: str) -> PixelConfig:
     """An L2P checkpoint's pixel config from its metadata or, for the release, its header's shapes: no weights."""
-    path = hub.resolve(ckpt)
-    if path.is_dir():
-        path = latest_checkpoint(path)
+    path = checkpoint_file(ckpt)
     meta = read_metadata(path)
     if meta:
         return PixelConfig.from_dict(meta["config"])
@@ -278,9 +284,7 @@ def load_pixel_model(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu"
     Returns the model (frozen, eval) and its metadata; metadata["source"]["id"] names where the text encoder
     comes from. `source` overrides that id; for trained-tensor files it must hold the same transformer weights.
     """
-    path = hub.resolve(ckpt)
-    if path.is_dir():
-        path = latest_checkpoint(path, ema)
+    path = checkpoint_file(ckpt, ema)
     meta = read_metadata(path)
     if meta.get("kind") == "trained":
         return load_trained(path, meta, dtype, device, source), meta
