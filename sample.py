@@ -185,11 +185,15 @@ def high_resolution_shift(height: int, width: int, native: int = DEFAULT_SIZE, b
     return min(MAX_PIXEL_SHIFT, base * ratio**HIGH_RES_SHIFT_EXPONENT)
 
 
+DERIVABLE_PATCHES = (16, 32, 64)  # a model without them gets them from its 16-px embedder when sampling
+
+
 def choose_patch(patches: tuple[int, ...], height: int, width: int, native: int = DEFAULT_SIZE) -> int:
-    """The smallest available patch that keeps the token grid at most the native one (16 px at native size,
-    64 px at 4x: the paper's 4K recipe); the largest available one beyond that."""
+    """The smallest patch (trained, or derivable from the 16-px embedder) that keeps the token grid at most the
+    native one: 16 px at the native size, 64 px at 4x (the paper's 4K recipe); the largest one beyond that."""
+    candidates = [p for p in sorted(set(patches) | set(DERIVABLE_PATCHES)) if height % p == 0 and width % p == 0]
     needed = 16 * max(height, width) / native
-    return min((p for p in patches if p >= needed), default=max(patches))
+    return min((p for p in candidates if p >= needed), default=max(candidates, default=16))
 
 
 @dataclass
@@ -219,10 +223,12 @@ class ImageModel:
         """The patch and shift a pixel model samples (height, width) with: given, else chosen for the size."""
         if self.kind == "latent":
             return {"patch": None, "shift": None}
-        patches = self.pixel_model.cfg.backbone.all_patch_size
-        if patch is not None and patch not in patches:
-            raise ValueError(f"--patch {patch}: this model has patch embedders for {patches}")
-        return {"patch": patch or choose_patch(patches, height, width, self.native),
+        patch = patch or choose_patch(self.pixel_model.cfg.backbone.all_patch_size, height, width, self.native)
+        if patch not in self.pixel_model.cfg.backbone.all_patch_size:
+            print(f"patch {patch}: no trained embedder, derived from the 16-px one (area-downsampled pixels)",
+                  file=sys.stderr)
+            self.pixel_model = transfer.add_patch_sizes(self.pixel_model, (patch,)).eval()
+        return {"patch": patch,
                 "shift": shift or high_resolution_shift(height, width, self.native, self.defaults()["shift"])}
 
     def __call__(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, guidance: float,
@@ -479,6 +485,8 @@ def main(argv=None) -> list[Path]:
                    "pixels per latent token")
     else:
         check_size(height, width, transfer.PIXEL_PATCH, "the pixel patch size")
+    if args.patch and kind == "pixel":
+        check_size(height, width, args.patch, f"--patch {args.patch}")
     device, dtype = pick_device_dtype(args.device, args.dtype)
     plan = plan_pixel_sampling(args, card, prompts, height, width, device, dtype) if kind == "pixel" else None
     if args.dry_run:
@@ -525,10 +533,9 @@ def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width
     source = args.source or transfer.source_of(args.ckpt)
     text_root = hub.resolve(source, ["text_encoder/config.json", "tokenizer/*"])
     native = max(card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
-    patches = cfg.backbone.all_patch_size
-    if args.patch is not None and args.patch not in patches:
-        raise ValueError(f"--patch {args.patch}: this model has patch embedders for {patches}")
-    patch = args.patch or choose_patch(patches, height, width, native)
+    if args.patch is not None and args.patch % transfer.PIXEL_PATCH:
+        raise ValueError(f"--patch {args.patch}: not a multiple of {transfer.PIXEL_PATCH}")
+    patch = args.patch or choose_patch(cfg.backbone.all_patch_size, height, width, native)
     shift = args.shift or high_resolution_shift(height, width, native, card.get("sample", {}).get("shift", PIXEL_SHIFT))
     with torch.device("meta"):
         params = sum(p.numel() for m in (PixelDiT(cfg), Qwen3TextEncoder(Qwen3Config.from_dict(

@@ -91,5 +91,6 @@ def test_patch_choice_keeps_the_native_grid():
     assert sample.choose_patch((16, 32, 64), 1024, 1024) == 16
     assert sample.choose_patch((16, 32, 64), 2048, 1536) == 32
     assert sample.choose_patch((16, 32, 64), 4096, 4096) == 64
-    assert sample.choose_patch((16,), 4096, 4096) == 16
+    assert sample.choose_patch((16,), 4096, 4096) == 64  # derived from the 16-px embedder when sampling
     assert sample.choose_patch((16, 32, 64), 512, 512, native=128) == 64
+    assert sample.choose_patch((16, 32, 64), 4096, 4080) == 16  # only 16 divides 4080
