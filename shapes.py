@@ -349,9 +349,10 @@ def evaluate_source(dit, vae, text, tokenizer, specs, steps: int, guidance: floa
     return shape_eval(specs, images), images
 
 
-def train_dit(vae, text, tokenizer, steps: int, batch: int, dataset: int, seed: int, log, eval_every: int):
+def train_dit(vae, text, tokenizer, steps: int, batch: int, dataset: int, seed: int, log, eval_every: int,
+              start: ZImageDiT | None = None):
     """Flow matching in the VAE's latent space on a fixed set of rendered scenes, with caption dropout and an
-    EMA of the weights (the EMA is what is saved)."""
+    EMA of the weights (the EMA is what is saved). `start`: continue from these weights."""
     rng = random.Random(seed)
     specs = training_specs(dataset, seed)
     with torch.no_grad():
@@ -360,6 +361,9 @@ def train_dit(vae, text, tokenizer, steps: int, batch: int, dataset: int, seed: 
     log(f"encoded {dataset} scenes to latents {tuple(latents.shape[1:])}, std {latents.std():.3f}")
     torch.manual_seed(seed)
     dit = ZImageDiT(TOY_DIT)
+    if start is not None:
+        dit.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+    dit.requires_grad_(True).train()
     ema = ZImageDiT(TOY_DIT)
     ema.load_state_dict(dit.state_dict())
     ema.requires_grad_(False)
@@ -399,6 +403,17 @@ def fmt(scores: dict) -> str:
 
 def build_source(args) -> Path:
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.resume:  # train the saved DiT further; the VAE, text encoder and tokenizer stay as they are
+        pipe = hub.load_pipeline(str(args.out))
+        from safetensors.torch import load_file
+
+        state = load_file(args.out / "text_encoder" / "model.safetensors")
+        dit = train_dit(pipe.vae, pipe.text_encoder, pipe.tokenizer, args.dit_steps, args.dit_batch, args.dataset,
+                        args.seed + 1, log, args.eval_every, start=pipe.transformer)
+        tok = pipe.tokenizer.tokenizer
+        hub.save_pipeline(args.out, dit, state, TOY_TEXT, tok, pipe.vae, pipe.scheduler | {})
+        log(f"wrote {args.out}")
+        return args.out
     tok = toy_tokenizer(args.seed)
     encoder, encoder_state = toy_text_encoder(args.seed)
     folder = args.out
@@ -587,6 +602,7 @@ def parse_args(argv=None):
     b.add_argument("--dit-batch", type=int, default=64)
     b.add_argument("--dataset", type=int, default=20000, help="rendered scenes the DiT trains on")
     b.add_argument("--eval-every", type=int, default=1000, help="ShapeEval of the EMA model every K steps; 0 = off")
+    b.add_argument("--resume", action="store_true", help="train the DiT saved in --out for --dit-steps more steps")
     e = sub.add_parser("eval", help="sample the evaluation prompts, write a grid beside each model, print ShapeEval")
     e.add_argument("--ckpt", nargs="+", default=[str(sample.DEFAULT_RUN)],
                    help="models: L2P run folders or files, or latent sources (default: runs/l2p)")
