@@ -401,8 +401,27 @@ def fmt(scores: dict) -> str:
     return " ".join(f"{k} {v:.2f}" for k, v in scores.items())
 
 
+TOY_RECIPE = {  # assets/toy-zimage/l2p.json: the defaults synth.py, train.py and sample.py take for this source
+    "size": [NATIVE, NATIVE],
+    "synth": {"prompts": "prompts.txt", "steps": 20, "guidance": 3.0, "images_per_prompt": 2},
+    "train": {"steps": 1000, "batch_size": 8, "lr": 3e-4, "warmup": 50, "blocks": 1, "head_widths": "16,32,64,128"},
+    "sample": {"steps": 20, "guidance": 3.0, "shift": TOY_SHIFT,
+               "prompts": ["a red circle", "two blue squares", "a green triangle to the left of a yellow circle",
+                           "a purple square and a red triangle"]},
+}
+TOY_SYNTH_PROMPTS = 200  # x 2 seeds: the toy corpus (the paper: 10k x 2)
+
+
+def write_recipe(folder: Path) -> None:
+    hub.write_json(folder / hub.RECIPE_CARD, TOY_RECIPE)
+    write_prompts(folder / TOY_RECIPE["synth"]["prompts"], TOY_SYNTH_PROMPTS, seed=7)
+
+
 def build_source(args) -> Path:
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.recipe_only:
+        write_recipe(args.out)
+        return args.out
     if args.resume:  # train the saved DiT further; the VAE, text encoder and tokenizer stay as they are
         pipe = hub.load_pipeline(str(args.out))
         from safetensors.torch import load_file
@@ -411,7 +430,8 @@ def build_source(args) -> Path:
         dit = train_dit(pipe.vae, pipe.text_encoder, pipe.tokenizer, args.dit_steps, args.dit_batch, args.dataset,
                         args.seed + 1, log, args.eval_every, start=pipe.transformer)
         tok = pipe.tokenizer.tokenizer
-        hub.save_pipeline(args.out, dit, state, TOY_TEXT, tok, pipe.vae, pipe.scheduler | {})
+        hub.save_pipeline(args.out, dit, state, TOY_TEXT, tok, pipe.vae, pipe.scheduler)
+        write_recipe(args.out)
         log(f"wrote {args.out}")
         return args.out
     tok = toy_tokenizer(args.seed)
@@ -427,6 +447,7 @@ def build_source(args) -> Path:
                     args.eval_every)
     hub.save_pipeline(folder, dit, encoder_state, TOY_TEXT, tok, vae, {"num_train_timesteps": 1000, "shift": TOY_SHIFT,
                                                                         "use_dynamic_shifting": False})
+    write_recipe(folder)
     log(f"wrote {folder}")
     return folder
 
@@ -603,6 +624,7 @@ def parse_args(argv=None):
     b.add_argument("--dataset", type=int, default=20000, help="rendered scenes the DiT trains on")
     b.add_argument("--eval-every", type=int, default=1000, help="ShapeEval of the EMA model every K steps; 0 = off")
     b.add_argument("--resume", action="store_true", help="train the DiT saved in --out for --dit-steps more steps")
+    b.add_argument("--recipe-only", action="store_true", help="only (re)write the recipe card and prompt file")
     e = sub.add_parser("eval", help="sample the evaluation prompts, write a grid beside each model, print ShapeEval")
     e.add_argument("--ckpt", nargs="+", default=[str(sample.DEFAULT_RUN)],
                    help="models: L2P run folders or files, or latent sources (default: runs/l2p)")
