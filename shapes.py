@@ -569,11 +569,13 @@ def claims_command(args) -> list[dict]:
     import transfer
 
     work = args.work
-    source = str(TOY_SOURCE)
+    source = str(args.source)
     card = hub.recipe_card(source)
     steps = args.steps or card["train"]["steps"]
     synthetic = work / "data"
-    synth.synthesize(["--ckpt", source, "--out", str(synthetic)])
+    work.mkdir(parents=True, exist_ok=True)
+    prompts_file = write_prompts(work / "prompts.txt", args.prompts, seed=7)
+    synth.synthesize(["--ckpt", source, "--out", str(synthetic), "--prompts", str(prompts_file)])
     prompts = [json.loads(line)["prompt"] for line in (synthetic / "metadata.jsonl").read_text().splitlines()]
     real = render_corpus(work / "real", prompts[::card["synth"]["images_per_prompt"]], card["synth"]["images_per_prompt"])
     specs = evaluation_specs(args.per_category)
@@ -591,7 +593,7 @@ def claims_command(args) -> list[dict]:
         out = work / name.split(" (")[0].replace(" ", "-").lower()
         start = time.time()
         train.train(["--ckpt", source, "--data", str(synthetic if data == "synthetic" else real), "--out", str(out),
-                     "--steps", str(steps), "--log-every", "50", *flags])
+                     "--steps", str(steps), "--save-every", str(steps), "--log-every", "50", *flags])
         wall = time.time() - start
         model, _ = transfer.load_pixel_model(str(out))
         saved = transfer.tensor_names(transfer.checkpoint_file(str(out), ema=False))
@@ -600,7 +602,7 @@ def claims_command(args) -> list[dict]:
         print(table(rows), file=sys.stderr)
     source_score = rows[0]["overall"]
     for r in rows:
-        r["of source"] = r["overall"] / source_score
+        r["of source"] = r["overall"] / source_score if source_score else float("nan")
     print(table(rows))
     (work / "claims.json").write_text(json.dumps(rows, indent=2))
     return rows
@@ -634,6 +636,8 @@ def parse_args(argv=None):
     e.add_argument("--guidance", type=float, help="guidance (default: the source's recipe card)")
     c = sub.add_parser("claims", help="the paper's claims at toy scale: a table of rows trained on the same budget")
     c.add_argument("--work", type=Path, default=Path("runs/claims"), help="folder for the corpora and the runs")
+    c.add_argument("--source", type=Path, default=TOY_SOURCE, help="the toy source model")
+    c.add_argument("--prompts", type=int, default=TOY_SYNTH_PROMPTS, help="synthesis prompts (2 images each)")
     c.add_argument("--steps", type=int, help="training steps of every row (default: the recipe card's)")
     c.add_argument("--per-category", type=int, default=10)
     c.add_argument("--seeds", type=int, default=2)
