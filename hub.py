@@ -395,8 +395,12 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
+    """Written beside the target, then renamed over it: an interrupted save never leaves a truncated file."""
     floats = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(floats, path, metadata={"format": "pt"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(floats, partial, metadata={"format": "pt"})
+    os.replace(partial, path)
 
 
 def save_pipeline(folder: Path, transformer: ZImageDiT, text_encoder: dict[str, torch.Tensor], text_config: Qwen3Config,

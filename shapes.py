@@ -13,7 +13,7 @@ widths, built by `python shapes.py build-source`: a byte-level BPE trained on th
 random Qwen3 text encoder, a VAE trained on rendered images, then the latent DiT trained with flow matching.
 
     python shapes.py eval --ckpt runs/l2p     # sample the evaluation prompts, write a grid, print ShapeEval
-    python shapes.py build-source             # rebuild assets/toy-zimage (about an hour on 2 CPU cores)
+    python shapes.py build-source             # rebuild assets/toy-zimage (about 2.5 hours on 2 CPU cores)
 """
 
 import argparse
@@ -44,17 +44,18 @@ SHAPES = ("circle", "square", "triangle")
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
-# Objects sit in distinct cells of a 4 x 4 grid (32-px cells: 2 x 2 tokens of 16 px), with a little size and
-# position jitter. Free placement at any size and position made composition (counts, relations, which colour
-# goes with which shape) too slow to learn for a source trained on 2 CPU cores; a grid keeps every category.
-GRID = 4
-OBJECT_SIZE = (20, 26)  # side of an object's bounding box at native size
-JITTER = 1.5  # pixels an object's centre may move from its cell's centre: >= 4 px stay free between objects
+# Objects sit in distinct cells of a 2 x 2 grid (64-px cells: 4 x 4 tokens of 16 px), with a little size and
+# position jitter. Free placement at any size and position, and even a 4 x 4 grid, made composition (counts,
+# relations, which colour goes with which shape) too slow to learn for a source trained on 2 CPU cores
+# (ShapeEval 0.25 and 0.57 after about an hour each); four cells still hold every category, up to "four".
+GRID = 2
+OBJECT_SIZE = (36, 46)  # side of an object's bounding box at native size
+JITTER = 3.0  # pixels an object's centre may move from its cell's centre: >= 12 px stay free between objects
 
 # ShapeEval thresholds, at native size
 FOREGROUND_DISTANCE = 60  # L1 distance from the background colour that makes a pixel foreground
 COLOR_DISTANCE = 150  # L1 distance within which a pixel takes a palette colour
-MIN_AREA = 60  # smaller components are specks, not objects
+MIN_AREA = OBJECT_SIZE[0] ** 2 // 8  # a quarter of the smallest triangle: smaller components are specks
 FILL_SQUARE, FILL_CIRCLE, FILL_TRIANGLE = 0.88, 0.64, 0.35  # lower bounds of bbox fill per shape
 MAX_ASPECT = 1.6  # our shapes have square bounding boxes
 POSITION_MARGIN = 4  # centroids must differ by more than this along the relation's axis
@@ -361,9 +362,10 @@ def evaluate_source(dit, vae, text, tokenizer, specs, steps: int, guidance: floa
 
 
 def train_dit(vae, text, tokenizer, steps: int, batch: int, dataset: int, seed: int, log, eval_every: int,
-              start: ZImageDiT | None = None):
+              save, start: ZImageDiT | None = None):
     """Flow matching in the VAE's latent space on a fixed set of rendered scenes, with caption dropout and an
-    EMA of the weights (the EMA is what is saved). `start`: continue from these weights."""
+    EMA of the weights. Every `eval_every` steps the EMA is judged and handed to `save`, so an interrupted
+    build loses at most that many steps (`--resume` goes on from it). `start`: continue from these weights."""
     rng = random.Random(seed)
     specs = training_specs(dataset, seed)
     with torch.no_grad():
@@ -405,6 +407,7 @@ def train_dit(vae, text, tokenizer, steps: int, batch: int, dataset: int, seed: 
             ema.eval()
             scores, _ = evaluate_source(ema, vae, text, tokenizer, evaluation_specs(5), 20, 3.0)
             log(f"dit step {step}: ShapeEval (EMA, 20 steps, guidance 3) {fmt(scores)}")
+            save(ema)
     return ema.eval()
 
 
@@ -438,10 +441,10 @@ def build_source(args) -> Path:
         from safetensors.torch import load_file
 
         state = load_file(args.out / "text_encoder" / "model.safetensors")
-        dit = train_dit(pipe.vae, pipe.text_encoder, pipe.tokenizer, args.dit_steps, args.dit_batch, args.dataset,
-                        args.seed + 1, log, args.eval_every, start=pipe.transformer)
-        tok = pipe.tokenizer.tokenizer
-        hub.save_pipeline(args.out, dit, state, TOY_TEXT, tok, pipe.vae, pipe.scheduler)
+        save = lambda dit: hub.save_pipeline(args.out, dit, state, TOY_TEXT, pipe.tokenizer.tokenizer,  # noqa: E731
+                                             pipe.vae, pipe.scheduler)
+        save(train_dit(pipe.vae, pipe.text_encoder, pipe.tokenizer, args.dit_steps, args.dit_batch, args.dataset,
+                       args.seed + 1, log, args.eval_every, save, start=pipe.transformer))
         write_recipe(args.out)
         log(f"wrote {args.out}")
         return args.out
@@ -454,10 +457,10 @@ def build_source(args) -> Path:
     tokenizer = PromptTokenizer(tok_dir / "tokenizer.json", "<|endoftext|>")
     vae = train_vae(args.vae_steps, args.vae_batch, args.seed, log)
     log(f"vae shift {vae.cfg.shift_factor:.4f} scale {vae.cfg.scaling_factor:.4f}")
-    dit = train_dit(vae, encoder, tokenizer, args.dit_steps, args.dit_batch, args.dataset, args.seed, log,
-                    args.eval_every)
-    hub.save_pipeline(folder, dit, encoder_state, TOY_TEXT, tok, vae, {"num_train_timesteps": 1000, "shift": TOY_SHIFT,
-                                                                        "use_dynamic_shifting": False})
+    scheduler = {"num_train_timesteps": 1000, "shift": TOY_SHIFT, "use_dynamic_shifting": False}
+    save = lambda dit: hub.save_pipeline(folder, dit, encoder_state, TOY_TEXT, tok, vae, scheduler)  # noqa: E731
+    save(train_dit(vae, encoder, tokenizer, args.dit_steps, args.dit_batch, args.dataset, args.seed, log,
+                   args.eval_every, save))
     write_recipe(folder)
     log(f"wrote {folder}")
     return folder
@@ -619,6 +622,43 @@ def claims_command(args) -> list[dict]:
     return rows
 
 
+HIGHRES_SCALE = 4  # the paper's 1K -> 4K step: 16-px patches at the native size, 64-px patches at 4x
+
+
+def highres_command(args) -> list[dict]:
+    """4x training at toy scale (the paper's 1K -> 4K stage): continue an L2P run on rendered 4x images with
+    64-px patches, so the transformer's token grid is unchanged, once with the 64-px embedder initialised
+    from the 16-px one on downsampled pixels and once at random, and judge both at 4x with the same budget."""
+    import train
+    import transfer
+
+    size = hub.recipe_card(str(args.source))["size"][0] * HIGHRES_SCALE
+    patch = transfer.PIXEL_PATCH * HIGHRES_SCALE
+    data = render_corpus(args.work / "real", [s.prompt for s in training_specs(args.prompts, seed=11)], 1, size)
+    specs = evaluation_specs(args.per_category)
+
+    def judged(ckpt: str) -> dict:
+        model = sample.load_model(ckpt)
+        d = model.defaults()
+        scores, images, shown = evaluate(model, specs, 1, d["steps"], d["guidance"], None, size, batch=8)
+        grid(images, shown).save(args.work / f"{Path(ckpt).name}.shapeeval.png")
+        return scores
+
+    rows = [{"row": f"{args.init} at {size} px, no 4x training (derived {patch}-px embedder)", "wall s": "-"}
+            | judged(str(args.init))]
+    for init in ("downsampled", "random"):
+        out = args.work / f"patch{patch}-{init}"
+        start = time.time()
+        train.train(["--init", str(args.init), "--ckpt", str(args.source), "--data", str(data), "--out", str(out),
+                     "--patch", str(patch), "--patch-init", init, "--steps", str(args.steps),
+                     "--batch-size", str(args.batch_size), "--save-every", str(args.steps), "--log-every", "25"])
+        rows.append({"row": f"{args.steps} steps at {size} px, {patch}-px embedder init {init}",
+                     "wall s": f"{time.time() - start:.0f}"} | judged(str(out)))
+        print(table(rows), file=sys.stderr)
+    print(table(rows))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # CLI
 
@@ -630,9 +670,9 @@ def parse_args(argv=None):
     b = sub.add_parser("build-source", help="train the bundled toy source model and save it (diffusers layout)")
     b.add_argument("--out", type=Path, default=TOY_SOURCE)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--vae-steps", type=int, default=1200)
+    b.add_argument("--vae-steps", type=int, default=2500)
     b.add_argument("--vae-batch", type=int, default=8)
-    b.add_argument("--dit-steps", type=int, default=6000)
+    b.add_argument("--dit-steps", type=int, default=14000)
     b.add_argument("--dit-batch", type=int, default=64)
     b.add_argument("--dataset", type=int, default=20000, help="rendered scenes the DiT trains on")
     b.add_argument("--eval-every", type=int, default=1000, help="ShapeEval of the EMA model every K steps; 0 = off")
@@ -652,12 +692,21 @@ def parse_args(argv=None):
     c.add_argument("--steps", type=int, help="training steps of every row (default: the recipe card's)")
     c.add_argument("--per-category", type=int, default=10)
     c.add_argument("--seeds", type=int, default=2)
+    h = sub.add_parser("highres", help="4x training with 64-px patches: downsampled vs random embedder init")
+    h.add_argument("--init", type=Path, default=sample.DEFAULT_RUN, help="the native-size L2P run to continue")
+    h.add_argument("--source", type=Path, default=TOY_SOURCE, help="the toy source model")
+    h.add_argument("--work", type=Path, default=Path("runs/highres"), help="folder for the 4x corpus and the runs")
+    h.add_argument("--prompts", type=int, default=200, help="rendered 4x training images")
+    h.add_argument("--steps", type=int, default=150, help="training steps of each run")
+    h.add_argument("--batch-size", type=int, default=4)
+    h.add_argument("--per-category", type=int, default=5)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    {"build-source": build_source, "eval": eval_command, "claims": claims_command}[args.command](args)
+    commands = {"build-source": build_source, "eval": eval_command, "claims": claims_command, "highres": highres_command}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
