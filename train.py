@@ -45,7 +45,8 @@ TRAIN_SHIFT = 3.0
 PAPER_LR, PAPER_WEIGHT_DECAY = 5e-5, 0.01  # paper Table 3, AdamW
 # Arguments that define a run: a resume must repeat them (the rest, like --steps, may change).
 RUN_DEFINING = ("ckpt", "data", "batch_size", "world_size", "lr", "weight_decay", "warmup", "clip", "ema", "freeze",
-                "blocks", "head_widths", "init", "output", "patch", "patch_init", "seed", "fresh_noise")
+                "blocks", "head_widths", "init", "output", "patch", "patch_init", "seed", "fresh_noise",
+                "train_shift")
 PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "blocks": 5,
                   "head_widths": ",".join(map(str, HEAD_WIDTHS))}
 
@@ -235,6 +236,8 @@ def parse_args(argv=None):
     p.add_argument("--head-tile", type=int, help="Detailer Head tile in pixels (bounds full-resolution memory)")
     p.add_argument("--output", default="detailer", choices=("detailer", "linear"),
                    help="detailer: the Detailer Head (L2P); linear: a per-patch linear output layer instead")
+    p.add_argument("--train-shift", type=float, default=TRAIN_SHIFT,
+                   help="shift of the training sigma grid (the released 3; lower trains more at low noise)")
     p.add_argument("--fresh-noise", action="store_true", help="new noise every step instead of the image's seed")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, sigmas and new layers' init")
     p.add_argument("--grad-ckpt", default="auto", help="gradient checkpointing: auto (on with CUDA), on, off")
@@ -347,7 +350,7 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
               rank, world, stop, keep=()) -> list[float]:
     """The training loop from `step` to --steps; returns the per-step losses averaged over ranks."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    sigmas = training_sigmas()
+    sigmas = training_sigmas(args.train_shift)
     # bf16/fp16 autocast (on CUDA by default; `--dtype bf16` runs the same path on CPU)
     autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
     losses, tick, tick_step = [], time.time(), step
