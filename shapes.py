@@ -644,16 +644,19 @@ def highres_command(args) -> list[dict]:
         grid(images, shown).save(args.work / f"{Path(ckpt).name}.shapeeval.png")
         return scores
 
-    rows = [{"row": f"{args.init} at {size} px, no 4x training (derived {patch}-px embedder)", "wall s": "-"}
-            | judged(str(args.init))]
+    rows = [{"row": f"{args.init} at {size} px, no 4x training (derived {patch}-px embedder)", "wall s": "-",
+             "first loss": "-", "last loss": "-"} | judged(str(args.init))]
     for init in ("downsampled", "random"):
         out = args.work / f"patch{patch}-{init}"
         start = time.time()
-        train.train(["--init", str(args.init), "--ckpt", str(args.source), "--data", str(data), "--out", str(out),
-                     "--patch", str(patch), "--patch-init", init, "--steps", str(args.steps),
-                     "--batch-size", str(args.batch_size), "--save-every", str(args.steps), "--log-every", "25"])
+        losses = train.train(["--init", str(args.init), "--ckpt", str(args.source), "--data", str(data),
+                              "--out", str(out), "--patch", str(patch), "--patch-init", init, "--steps",
+                              str(args.steps), "--batch-size", str(args.batch_size), "--save-every", str(args.steps),
+                              "--log-every", "25"])["losses"]
+        tenth = max(1, len(losses) // 10)  # mean losses of the first and the last tenth of the steps
         rows.append({"row": f"{args.steps} steps at {size} px, {patch}-px embedder init {init}",
-                     "wall s": f"{time.time() - start:.0f}"} | judged(str(out)))
+                     "wall s": f"{time.time() - start:.0f}", "first loss": sum(losses[:tenth]) / tenth,
+                     "last loss": sum(losses[-tenth:]) / tenth} | judged(str(out)))
         print(table(rows), file=sys.stderr)
     print(table(rows))
     return rows
