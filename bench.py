@@ -27,10 +27,14 @@ from model import ZImageConfig, ZImageDiT
 
 
 def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of fn(); on CUDA after the queued kernels finish."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -45,13 +49,16 @@ def bench_dit(args) -> dict:
                                   cap_feat_dim=args.dim, axes_dims=[head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8])
     folder = Path(args.workdir) / "bench-dit"
     ref.save_pretrained(folder)
-    ours = hub.load_zimage_transformer(folder, torch.float32, "cpu")
-    ref.eval()
+    # on a GPU both run in bf16 (as Z-Image is served); on a CPU in float32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ours = hub.load_zimage_transformer(folder, dtype, device)
+    ref.to(device, dtype).eval()
     side = int(args.tokens**0.5) * 2  # latent pixels per side; patch 2
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 16, side, side, generator=g)
-    captions = [torch.randn(args.caption_tokens, args.dim, generator=g) for _ in range(args.batch)]
-    t = torch.full((args.batch,), 0.5)
+    x = torch.randn(args.batch, 16, side, side, generator=g).to(device, dtype)
+    captions = [torch.randn(args.caption_tokens, args.dim, generator=g).to(device, dtype) for _ in range(args.batch)]
+    t = torch.full((args.batch,), 0.5, device=device, dtype=dtype)
     ref_input = list(x.unsqueeze(2).unbind(0))
     run_ours = lambda: ours(x, 1 - t, captions)  # noqa: E731
     run_ref = lambda: ref(ref_input, t, captions, return_dict=False)  # noqa: E731
