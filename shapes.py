@@ -484,6 +484,15 @@ def evaluate(model: "sample.ImageModel", specs: list[Spec], seeds: int, steps: i
     return shape_eval(judged, images), images, judged
 
 
+def judge(ckpt: str, specs: list[Spec], seeds: int = 1, size: int | None = None, steps: int | None = None,
+          guidance: float | None = None, batch: int = 32) -> tuple[dict, list[Image.Image], list[Spec]]:
+    """Load a model and `evaluate` it with its recipe card's sampling settings unless given (size: its native)."""
+    model = sample.load_model(ckpt)
+    d = model.defaults()
+    return evaluate(model, specs, seeds, steps or d["steps"], d["guidance"] if guidance is None else guidance, None,
+                    size or d["height"], batch)
+
+
 def grid(images: list[Image.Image], specs: list[Spec], columns: int = 10, cell: int = NATIVE) -> Image.Image:
     """Samples with their prompts underneath, and a green / red bar for ShapeEval's verdict."""
     caption = 22
@@ -555,11 +564,8 @@ def table(rows: list[dict]) -> str:
 def eval_command(args) -> list[dict]:
     rows = []
     for ckpt in args.ckpt:
-        model = sample.load_model(ckpt)
-        d = model.defaults()
-        scores, images, judged = evaluate(model, evaluation_specs(args.per_category), args.seeds,
-                                          args.steps or d["steps"], d["guidance"] if args.guidance is None else args.guidance,
-                                          None, d["height"])
+        scores, images, judged = judge(ckpt, evaluation_specs(args.per_category), args.seeds, steps=args.steps,
+                                       guidance=args.guidance)
         out = Path(ckpt) / "shapeeval.png" if Path(ckpt).is_dir() else Path(ckpt).with_suffix(".shapeeval.png")
         grid(images, judged).save(out)
         print(f"wrote {out}", file=sys.stderr)
@@ -596,10 +602,7 @@ def claims_command(args) -> list[dict]:
     specs = evaluation_specs(args.per_category)
 
     def judged(ckpt: str) -> dict:
-        model = sample.load_model(ckpt)
-        d = model.defaults()
-        scores, _, _ = evaluate(model, specs, args.seeds, d["steps"], d["guidance"], None, d["height"])
-        return scores
+        return judge(ckpt, specs, args.seeds)[0]
 
     start = time.time()
     rows = [{"row": "source model (latent)", "trained params": "-", "wall s": "-"} | judged(source)]
@@ -639,9 +642,7 @@ def highres_command(args) -> list[dict]:
     specs = evaluation_specs(args.per_category)
 
     def judged(ckpt: str) -> dict:
-        model = sample.load_model(ckpt)
-        d = model.defaults()
-        scores, images, shown = evaluate(model, specs, 1, d["steps"], d["guidance"], None, size, batch=8)
+        scores, images, shown = judge(ckpt, specs, size=size, batch=8)
         grid(images, shown).save(args.work / f"{Path(ckpt).name}.shapeeval.png")
         return scores
 
