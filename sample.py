@@ -270,7 +270,7 @@ def generate(ckpt: str, prompt: str, seed: int = 42, height: int | None = None, 
              steps: int | None = None, guidance: float | None = None, device: str = "auto",
              dtype: str = "auto") -> Image.Image:
     """One image from any model this project loads: the whole path in one call, with the model's defaults."""
-    device, torch_dtype = pick_device_dtype(device, dtype)
+    device, torch_dtype = pick_device_dtype(device, dtype, bf16_on_cpu=True)
     model = load_model(ckpt, torch_dtype, device)
     d = model.defaults()
     image = model([prompt], [seed], height or d["height"], width or d["width"], steps or d["steps"],
@@ -363,12 +363,15 @@ def print_memory(parts: dict[str, int], baseline: int, measured: int | None = No
 # Output and CLI
 
 
-def pick_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """--device auto: CUDA when present, else CPU. --dtype auto: bf16 on CUDA, fp32 on CPU."""
+def pick_device_dtype(device: str = "auto", dtype: str = "auto", bf16_on_cpu: bool = False
+                      ) -> tuple[torch.device, torch.dtype]:
+    """--device auto: CUDA when present, else CPU. --dtype auto: bf16 on CUDA; on CPU fp32, or with
+    `bf16_on_cpu` bf16 where the CPU computes it natively (AMX / AVX512-BF16, as oneDNN reports)."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+        native_bf16 = dev.type == "cuda" or (bf16_on_cpu and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return dev, torch.bfloat16 if native_bf16 else torch.float32
     if dtype not in names:
         raise ValueError(f"--dtype {dtype!r}: expected one of auto, {', '.join(names)}")
     return dev, names[dtype]
@@ -441,7 +444,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="L2P: print the estimated peak memory and the chosen patch, shift, tile and chunk; read no weights")
     p.add_argument("--out", type=Path, help="a .png file (one image) or a folder (default: sample.png or samples/)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPUs with native bf16: AMX or "
+                                                   "AVX512-BF16; else fp32), bf16, fp16 or fp32")
     return p.parse_args(argv)
 
 
@@ -487,7 +491,8 @@ def main(argv=None) -> list[Path]:
         check_size(height, width, transfer.PIXEL_PATCH, "the pixel patch size")
     if args.patch and kind == "pixel":
         check_size(height, width, args.patch, f"--patch {args.patch}")
-    device, dtype = pick_device_dtype(args.device, args.dtype)
+    # sampling only makes pictures, so bf16 where the CPU has it natively: a 4K step 2.6x faster (README)
+    device, dtype = pick_device_dtype(args.device, args.dtype, bf16_on_cpu=True)
     plan = plan_pixel_sampling(args, card, prompts, height, width, device, dtype) if kind == "pixel" else None
     if args.dry_run:
         if plan is None:
