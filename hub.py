@@ -12,6 +12,7 @@ Every error names the file or folder and what was expected, and is raised before
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -24,8 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from model import ZImageConfig, ZImageDiT
-from tokenizer import QWEN3_CHAT_TEMPLATE, AutoencoderKL, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, VAEConfig
+from model import FLUX_RELEASED_AXES, FluxConfig, FluxDiT, SD3Config, SD3MMDiT, ZImageConfig, ZImageDiT
+from tokenizer import (QWEN3_CHAT_TEMPLATE, AutoencoderKL, CLIPPromptTokenizer, CLIPTextConfig, CLIPTextEncoder,
+                       PromptTokenizer, Qwen3Config, Qwen3TextEncoder, T5Config, T5Encoder, T5PromptTokenizer,
+                       VAEConfig)
 
 
 class CheckpointError(ValueError):
@@ -291,6 +294,406 @@ def load_tokenizer(folder: Path) -> PromptTokenizer:
 def load_vae(location: Path, dtype: torch.dtype, device) -> AutoencoderKL:
     cfg = VAEConfig.from_dict(read_json(location / "config.json"))
     return load_module(lambda: AutoencoderKL(cfg), read_tensors(location, device), location, dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3 / FLUX text encoders (CLIP-L, OpenCLIP bigG, T5) and the VAE in LDM naming: folders and single files
+
+COMBINED_TEXT_PREFIX = "text_encoders.{}.transformer."  # SD3 *_incl_clips*.safetensors (hub_formats.md 1.2)
+CLIP_MARKERS = ("text_model.embeddings.token_embedding.weight",  # transformers 4 (every hub file)
+                "embeddings.token_embedding.weight")  # CLIPTextModel saved by transformers >= 5
+T5_MARKERS = ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)
+VAE_LDM_PREFIX = "first_stage_model."  # the VAE inside SD3 single files; FLUX's ae.safetensors has no prefix
+VAE_LDM_MARKERS = ("encoder.down.0.block.0.conv1.weight",)
+# What a single file does not store, and the released files all share:
+CLIP_HEAD_DIM = 64  # CLIP-L is 12 heads of 64, OpenCLIP bigG 20 heads of 64
+CLIP_L_HIDDEN = 768  # OpenAI CLIP-L (hidden 768) uses quick_gelu; OpenCLIP bigG (1280) uses exact gelu
+T5_MAX_DISTANCE = 128  # relative_attention_max_distance of every T5 v1.1
+VAE_NORM_GROUPS = 32  # the LDM / BFL / SAI VAE code hard-codes GroupNorm(32)
+# Each family's vae/config.json latent factors, for a VAE file that has no config (hub_formats.md 4.1)
+VAE_LATENT_FACTORS = {"sd3": {"scaling_factor": 1.5305, "shift_factor": 0.0609},
+                      "flux": {"scaling_factor": 0.3611, "shift_factor": 0.1159}}
+LDM_VAE_RENAMES = (  # LDM / BFL / SAI name parts -> diffusers name parts (hub_formats.md 4.2), applied in order
+    (r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1."),
+    (r"\.block\.(\d+)\.", r".resnets.\1."),
+    (r"\.downsample\.", ".downsamplers.0."),
+    (r"\.upsample\.", ".upsamplers.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+    (r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
+    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
+    (r"\.mid\.attn_1\.([qkv])\.", r".mid_block.attentions.0.to_\1."),
+    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
+    (r"\.norm_out\.", ".conv_norm_out."),
+)
+
+
+def read_component(location: Path, prefixes: tuple[str, ...], markers: tuple[str, ...], what: str,
+                   device) -> dict[str, torch.Tensor]:
+    """One component of a folder or of a file that may bundle several: the tensors under the first of `prefixes`
+    ("" is the whole file) that holds one of the marker keys, prefix removed. Keys are checked before any tensor
+    is read, and nothing outside the prefix is read (a bundled SD3 file is 16 GB)."""
+    handles = open_safetensors(location, device)
+    keys = {key for _, handle in handles for key in handle.keys()}
+    prefix = next((p for p in prefixes for m in markers if p + m in keys), None)
+    if prefix is None:
+        under = [p for p in prefixes if p]
+        raise CheckpointError(f"{location}: not {what} (expected the key {' or '.join(markers)}"
+                              + (f", optionally under {' or '.join(under)})" if under else ")"))
+    tensors = {}
+    for f, handle in handles:
+        try:
+            for key in handle.keys():
+                if key.startswith(prefix):
+                    tensors[key.removeprefix(prefix)] = handle.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: could not read tensors, truncated or corrupt ({e})") from None
+    return tensors
+
+
+def count_indexed(tensors: dict, prefix: str) -> int:
+    """How many numbered children `prefix` has: 3 for layers.0.*, layers.1.*, layers.2.*."""
+    return len({k.removeprefix(prefix).split(".")[0] for k in tensors if k.startswith(prefix)})
+
+
+def clip_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' names with the `text_model.` prefix, which transformers >= 5 leaves out of CLIPTextModel;
+    the position_ids buffer some old files carry is dropped (positions are always 0..L-1)."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("embeddings.position_ids"):
+            continue
+        out[key if key.startswith("text_model.") or key == "text_projection.weight" else f"text_model.{key}"] = t
+    return out
+
+
+def clip_config_from_tensors(tensors: dict[str, torch.Tensor], where: Path) -> CLIPTextConfig:
+    """A single file's config from its shapes; the head count assumes heads of 64 and the activation follows the
+    released files (quick_gelu at hidden 768: CLIP-L; gelu otherwise: bigG)."""
+    vocab, hidden = tensors["text_model.embeddings.token_embedding.weight"].shape
+    if hidden % CLIP_HEAD_DIM:
+        raise CheckpointError(f"{where}: CLIP hidden size {hidden} is not a multiple of the head size {CLIP_HEAD_DIM} "
+                              "that single files are assumed to use; load a folder with its config.json instead")
+    projection = tensors.get("text_projection.weight")
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, num_attention_heads=hidden // CLIP_HEAD_DIM,
+        intermediate_size=tensors["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=count_indexed(tensors, "text_model.encoder.layers."),
+        max_position_embeddings=tensors["text_model.embeddings.position_embedding.weight"].shape[0],
+        hidden_act="quick_gelu" if hidden == CLIP_L_HIDDEN else "gelu",
+        projection_dim=hidden if projection is None else projection.shape[0], has_projection=projection is not None,
+    )
+
+
+def load_clip(location: Path, dtype: torch.dtype, device, which: str = "clip_l") -> CLIPTextEncoder:
+    """A transformers CLIPTextModel(WithProjection) folder, or a single file: SAI's text_encoders/clip_l.safetensors
+    (without text_projection) or clip_g.safetensors, or the `which` ("clip_l" / "clip_g") of a bundled SD3 file."""
+    config = read_json(location / "config.json") if location.is_dir() else None
+    prefixes = ("",) if location.is_dir() else (COMBINED_TEXT_PREFIX.format(which), "")
+    tensors = clip_keys(read_component(location, prefixes, CLIP_MARKERS, "a CLIP text encoder", device))
+    cfg = CLIPTextConfig.from_dict(config) if config is not None else clip_config_from_tensors(tensors, location)
+    return load_module(lambda: CLIPTextEncoder(cfg), tensors, location, dtype, device)
+
+
+def t5_config_from_tensors(tensors: dict[str, torch.Tensor], where: Path) -> T5Config:
+    """A single file's config from its shapes: heads from the relative position table, d_kv from q."""
+    if "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" not in tensors:
+        raise CheckpointError(f"{where}: not a T5 v1.1 encoder (no gated feed-forward "
+                              "encoder.block.0.layer.1.DenseReluDense.wi_0.weight)")
+    buckets, heads = tensors[T5_MARKERS[0]].shape
+    vocab, d_model = tensors["shared.weight"].shape
+    return T5Config(
+        vocab_size=vocab, d_model=d_model, num_heads=heads, relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=T5_MAX_DISTANCE,
+        d_kv=tensors["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
+        d_ff=tensors["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+        num_layers=count_indexed(tensors, "encoder.block."),
+    )
+
+
+def load_t5(location: Path, dtype: torch.dtype, device) -> T5Encoder:
+    """A transformers T5EncoderModel folder, SAI's text_encoders/t5xxl_*.safetensors or the T5 of a bundled SD3
+    file. The embedding is `shared.weight`; the tied copy `encoder.embed_tokens.weight` that SAI / Comfy files
+    also store is dropped, or renamed when it is the only one."""
+    config = read_json(location / "config.json") if location.is_dir() else None
+    prefixes = ("",) if location.is_dir() else (COMBINED_TEXT_PREFIX.format("t5xxl"), "")
+    tensors = read_component(location, prefixes, T5_MARKERS, "a T5 encoder", device)
+    embed = tensors.pop("encoder.embed_tokens.weight", None)
+    if "shared.weight" not in tensors:
+        if embed is None:
+            raise CheckpointError(f"{location}: T5 encoder without an embedding "
+                                  "(shared.weight or encoder.embed_tokens.weight)")
+        tensors["shared.weight"] = embed
+    cfg = T5Config.from_dict(config) if config is not None else t5_config_from_tensors(tensors, location)
+    return load_module(lambda: T5Encoder(cfg), tensors, location, dtype, device)
+
+
+def load_clip_tokenizer(folder: Path) -> CLIPPromptTokenizer:
+    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: no {' or '.join(missing)} "
+                              "(a CLIP tokenizer folder holds vocab.json and merges.txt)")
+    return CLIPPromptTokenizer(folder)
+
+
+def load_t5_tokenizer(folder: Path) -> T5PromptTokenizer:
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{folder}: no tokenizer.json (the fast-tokenizer file this project reads; "
+                              "spiece.model alone is not enough)")
+    return T5PromptTokenizer(folder)
+
+
+def vae_from_ldm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM VAE names -> our (diffusers) names: renamed parts, decoder up-blocks numbered from the lowest
+    resolution instead of the highest, and the mid attention's 1x1 convs turned into linear weights."""
+    blocks = count_indexed(tensors, "decoder.up.")
+    out = {}
+    for key, t in tensors.items():
+        key = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{blocks - 1 - int(m[1])}.", key)
+        for pattern, replacement in LDM_VAE_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        out[key] = t[:, :, 0, 0] if ".attentions.0.to_" in key and t.ndim == 4 else t  # (C, C, 1, 1) -> (C, C)
+    return out
+
+
+def vae_config_from_tensors(tensors: dict[str, torch.Tensor], scaling_factor: float, shift_factor: float) -> VAEConfig:
+    """A VAE file's config from its (diffusers-named) shapes; latent scaling and shift are not stored in it."""
+    blocks = count_indexed(tensors, "encoder.down_blocks.")
+    return VAEConfig(
+        in_channels=tensors["encoder.conv_in.weight"].shape[1],
+        out_channels=tensors["decoder.conv_out.weight"].shape[0],
+        block_out_channels=tuple(tensors[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                 for i in range(blocks)),
+        layers_per_block=count_indexed(tensors, "encoder.down_blocks.0.resnets."),
+        latent_channels=tensors["encoder.conv_out.weight"].shape[0] // 2,  # the encoder outputs mean and log-variance
+        norm_num_groups=VAE_NORM_GROUPS, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in tensors,
+        use_quant_conv="quant_conv.weight" in tensors, use_post_quant_conv="post_quant_conv.weight" in tensors,
+    )
+
+
+def load_vae_ldm(location: Path, dtype: torch.dtype, device, *, scaling_factor: float,
+                 shift_factor: float) -> AutoencoderKL:
+    """A VAE file in LDM naming: FLUX's ae.safetensors, or the `first_stage_model.` part of an SD3 single file.
+    The file has no config: pass the family's factors, `**VAE_LATENT_FACTORS["sd3"]` (1.5305, 0.0609) or
+    `**VAE_LATENT_FACTORS["flux"]` (0.3611, 0.1159)."""
+    tensors = vae_from_ldm(read_component(location, (VAE_LDM_PREFIX, ""), VAE_LDM_MARKERS, "an LDM-named VAE", device))
+    cfg = vae_config_from_tensors(tensors, scaling_factor, shift_factor)
+    return load_module(lambda: AutoencoderKL(cfg), tensors, location, dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 and FLUX.1 transformers: diffusers folders, or original (SAI / BFL) single files
+
+SAI_PREFIX = "model.diffusion_model."  # SAI and ComfyUI single files; the VAE beside it (first_stage_model.) is not read
+SD3_MARKERS = ("joint_blocks.0.context_block.adaLN_modulation.1.bias",  # SAI layout (hub_formats.md 1.2)
+               "pos_embed.proj.weight")  # diffusers layout saved as one file
+FLUX_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale",  # BFL layout
+                "single_transformer_blocks.0.proj_mlp.weight")  # diffusers layout saved as one file
+SD3_SAI_HEAD_DIM = 64  # SAI's MMDiT fixes heads of 64 (hidden = 64 x depth); used only when no q/k norm says otherwise
+# Original name prefix -> diffusers name prefix; "{i}" is a block index. A tuple is a fused tensor split along its
+# rows: the first names take `hidden` rows each, the last the rest (q, k, v; FLUX single blocks: q, k, v, mlp-in).
+SD3_ORIGINAL_NAMES = {  # hub_formats.md 2.4
+    "pos_embed": "pos_embed.pos_embed",
+    "x_embedder.proj.": "pos_embed.proj.",
+    "t_embedder.mlp.0.": "time_text_embed.timestep_embedder.linear_1.",
+    "t_embedder.mlp.2.": "time_text_embed.timestep_embedder.linear_2.",
+    "y_embedder.mlp.0.": "time_text_embed.text_embedder.linear_1.",
+    "y_embedder.mlp.2.": "time_text_embed.text_embedder.linear_2.",
+    "context_embedder.": "context_embedder.",
+    "final_layer.linear.": "proj_out.",
+    "final_layer.adaLN_modulation.1.": "norm_out.linear.",
+    "joint_blocks.{i}.x_block.attn.qkv.": ("transformer_blocks.{i}.attn.to_q.", "transformer_blocks.{i}.attn.to_k.",
+                                           "transformer_blocks.{i}.attn.to_v."),
+    "joint_blocks.{i}.x_block.attn.proj.": "transformer_blocks.{i}.attn.to_out.0.",
+    "joint_blocks.{i}.x_block.attn.ln_q.": "transformer_blocks.{i}.attn.norm_q.",
+    "joint_blocks.{i}.x_block.attn.ln_k.": "transformer_blocks.{i}.attn.norm_k.",
+    "joint_blocks.{i}.x_block.attn2.qkv.": ("transformer_blocks.{i}.attn2.to_q.", "transformer_blocks.{i}.attn2.to_k.",
+                                            "transformer_blocks.{i}.attn2.to_v."),
+    "joint_blocks.{i}.x_block.attn2.proj.": "transformer_blocks.{i}.attn2.to_out.0.",
+    "joint_blocks.{i}.x_block.attn2.ln_q.": "transformer_blocks.{i}.attn2.norm_q.",
+    "joint_blocks.{i}.x_block.attn2.ln_k.": "transformer_blocks.{i}.attn2.norm_k.",
+    "joint_blocks.{i}.x_block.adaLN_modulation.1.": "transformer_blocks.{i}.norm1.linear.",
+    "joint_blocks.{i}.x_block.mlp.fc1.": "transformer_blocks.{i}.ff.net.0.proj.",
+    "joint_blocks.{i}.x_block.mlp.fc2.": "transformer_blocks.{i}.ff.net.2.",
+    "joint_blocks.{i}.context_block.attn.qkv.": ("transformer_blocks.{i}.attn.add_q_proj.",
+                                                 "transformer_blocks.{i}.attn.add_k_proj.",
+                                                 "transformer_blocks.{i}.attn.add_v_proj."),
+    "joint_blocks.{i}.context_block.attn.proj.": "transformer_blocks.{i}.attn.to_add_out.",
+    "joint_blocks.{i}.context_block.attn.ln_q.": "transformer_blocks.{i}.attn.norm_added_q.",
+    "joint_blocks.{i}.context_block.attn.ln_k.": "transformer_blocks.{i}.attn.norm_added_k.",
+    "joint_blocks.{i}.context_block.adaLN_modulation.1.": "transformer_blocks.{i}.norm1_context.linear.",
+    "joint_blocks.{i}.context_block.mlp.fc1.": "transformer_blocks.{i}.ff_context.net.0.proj.",
+    "joint_blocks.{i}.context_block.mlp.fc2.": "transformer_blocks.{i}.ff_context.net.2.",
+}
+FLUX_ORIGINAL_NAMES = {  # hub_formats.md 3.4
+    "img_in.": "x_embedder.",
+    "txt_in.": "context_embedder.",
+    "time_in.in_layer.": "time_text_embed.timestep_embedder.linear_1.",
+    "time_in.out_layer.": "time_text_embed.timestep_embedder.linear_2.",
+    "guidance_in.in_layer.": "time_text_embed.guidance_embedder.linear_1.",
+    "guidance_in.out_layer.": "time_text_embed.guidance_embedder.linear_2.",
+    "vector_in.in_layer.": "time_text_embed.text_embedder.linear_1.",
+    "vector_in.out_layer.": "time_text_embed.text_embedder.linear_2.",
+    "final_layer.linear.": "proj_out.",
+    "final_layer.adaLN_modulation.1.": "norm_out.linear.",
+    "double_blocks.{i}.img_mod.lin.": "transformer_blocks.{i}.norm1.linear.",
+    "double_blocks.{i}.img_attn.qkv.": ("transformer_blocks.{i}.attn.to_q.", "transformer_blocks.{i}.attn.to_k.",
+                                        "transformer_blocks.{i}.attn.to_v."),
+    "double_blocks.{i}.img_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_q.weight",
+    "double_blocks.{i}.img_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_k.weight",
+    "double_blocks.{i}.img_attn.proj.": "transformer_blocks.{i}.attn.to_out.0.",
+    "double_blocks.{i}.img_mlp.0.": "transformer_blocks.{i}.ff.net.0.proj.",
+    "double_blocks.{i}.img_mlp.2.": "transformer_blocks.{i}.ff.net.2.",
+    "double_blocks.{i}.txt_mod.lin.": "transformer_blocks.{i}.norm1_context.linear.",
+    "double_blocks.{i}.txt_attn.qkv.": ("transformer_blocks.{i}.attn.add_q_proj.",
+                                        "transformer_blocks.{i}.attn.add_k_proj.",
+                                        "transformer_blocks.{i}.attn.add_v_proj."),
+    "double_blocks.{i}.txt_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_added_q.weight",
+    "double_blocks.{i}.txt_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_added_k.weight",
+    "double_blocks.{i}.txt_attn.proj.": "transformer_blocks.{i}.attn.to_add_out.",
+    "double_blocks.{i}.txt_mlp.0.": "transformer_blocks.{i}.ff_context.net.0.proj.",
+    "double_blocks.{i}.txt_mlp.2.": "transformer_blocks.{i}.ff_context.net.2.",
+    "single_blocks.{i}.linear1.": ("single_transformer_blocks.{i}.attn.to_q.", "single_transformer_blocks.{i}.attn.to_k.",
+                                   "single_transformer_blocks.{i}.attn.to_v.", "single_transformer_blocks.{i}.proj_mlp."),
+    "single_blocks.{i}.linear2.": "single_transformer_blocks.{i}.proj_out.",
+    "single_blocks.{i}.norm.query_norm.scale": "single_transformer_blocks.{i}.attn.norm_q.weight",
+    "single_blocks.{i}.norm.key_norm.scale": "single_transformer_blocks.{i}.attn.norm_k.weight",
+    "single_blocks.{i}.modulation.lin.": "single_transformer_blocks.{i}.norm.linear.",
+}
+# An adaLN of two vectors is (shift, scale) in SAI's and BFL's code and (scale, shift) in diffusers'
+# AdaLayerNormContinuous: SD3's final layer and last context block, FLUX's final layer.
+ORIGINAL_TWO_VECTOR_ADALN = "adaLN_modulation.1."
+
+
+def shape_of(tensors: dict[str, torch.Tensor], key: str, where: Path) -> torch.Size:
+    if key not in tensors:
+        raise CheckpointError(f"{where}: missing tensor {key}")
+    return tensors[key].shape
+
+
+def rename_original(tensors: dict[str, torch.Tensor], names: dict, hidden: int) -> dict[str, torch.Tensor]:
+    """Original names -> diffusers names by the first prefix of `names` that starts a key (see SD3_ORIGINAL_NAMES);
+    two-vector adaLNs get their halves swapped. Keys the table does not know are kept, so the strict load names them."""
+    patterns = [(re.compile(r"(\d+)".join(map(re.escape, old.split("{i}")))), new) for old, new in names.items()]
+    out = {}
+    for key, t in tensors.items():
+        match, new = next(((m, new) for pattern, new in patterns if (m := pattern.match(key))), (None, None))
+        if match is None:
+            out[key] = t
+            continue
+        rest = key[match.end():]
+        fill = lambda name: name.replace("{i}", match.group(1)) if match.groups() else name  # noqa: E731
+        if isinstance(new, tuple):
+            sizes = [hidden] * (len(new) - 1) + [t.shape[0] - hidden * (len(new) - 1)]
+            out.update((fill(name) + rest, part) for name, part in zip(new, t.split(sizes)))
+        else:
+            if ORIGINAL_TWO_VECTOR_ADALN in key and t.shape[0] == 2 * hidden:
+                shift, scale = t.chunk(2)
+                t = torch.cat([scale, shift])
+            out[fill(new) + rest] = t
+    return out
+
+
+def sd3_from_original(tensors: dict[str, torch.Tensor], where: Path | str = "checkpoint") -> dict[str, torch.Tensor]:
+    """SAI's MMDiT names (prefix already removed) -> diffusers', as diffusers' convert_sd3_transformer_checkpoint."""
+    return rename_original(tensors, SD3_ORIGINAL_NAMES, shape_of(tensors, "x_embedder.proj.weight", where)[0])
+
+
+def flux_from_original(tensors: dict[str, torch.Tensor], where: Path | str = "checkpoint") -> dict[str, torch.Tensor]:
+    """BFL's FLUX names -> diffusers', as diffusers' convert_flux_transformer_checkpoint (which hard-codes the
+    width 3072; here the width is the image embedding's)."""
+    return rename_original(tensors, FLUX_ORIGINAL_NAMES, shape_of(tensors, "img_in.weight", where)[0])
+
+
+def sd3_config_from_tensors(tensors: dict[str, torch.Tensor], where: Path) -> SD3Config:
+    """A single file's config from its (diffusers-named) shapes, as SAI's loader infers it (hub_formats.md 2.2):
+    head_dim from the q norm when there is one, else SAI's fixed 64; P = sqrt(table rows); dual-attention layers
+    are those with attn2 weights. sample_size is not stored and not needed: the position table is."""
+    dim, in_channels, patch, _ = shape_of(tensors, "pos_embed.proj.weight", where)
+    norm_q = tensors.get("transformer_blocks.0.attn.norm_q.weight")
+    head_dim = SD3_SAI_HEAD_DIM if norm_q is None else norm_q.shape[0]
+    if dim % head_dim:
+        raise CheckpointError(f"{where}: width {dim} is not a multiple of the head size {head_dim} that a file without "
+                              "q/k norms implies; pass a config (the diffusers config.json fields)")
+    rows = shape_of(tensors, "pos_embed.pos_embed", where)[1]
+    side = math.isqrt(rows)
+    if side * side != rows:
+        raise CheckpointError(f"{where}: pos_embed has {rows} rows, not a square P x P grid")
+    layers = count_indexed(tensors, "transformer_blocks.")
+    caption, joint = shape_of(tensors, "context_embedder.weight", where)
+    out_channels = shape_of(tensors, "proj_out.weight", where)[0] // patch**2
+    return SD3Config(
+        patch_size=patch, in_channels=in_channels, out_channels=out_channels,
+        num_layers=layers, attention_head_dim=head_dim, num_attention_heads=dim // head_dim, joint_attention_dim=joint,
+        caption_projection_dim=caption,
+        pooled_projection_dim=shape_of(tensors, "time_text_embed.text_embedder.linear_1.weight", where)[1],
+        pos_embed_max_size=side, qk_norm=None if norm_q is None else "rms_norm",
+        dual_attention_layers=tuple(i for i in range(layers) if f"transformer_blocks.{i}.attn2.to_q.weight" in tensors),
+    )
+
+
+def flux_config_from_tensors(tensors: dict[str, torch.Tensor], where: Path) -> FluxConfig:
+    """A single file's config from its (diffusers-named) shapes; guidance_embeds iff the guidance embedder is there.
+
+    The RoPE split of the head dimension is stored nowhere. FLUX.1's (16, 56, 56) of 128 is taken, scaled to the
+    file's head_dim when that gives even integers summing to it (64: (8, 28, 28)); otherwise we refuse rather than
+    guess, and ask for a config."""
+    dim, in_channels = shape_of(tensors, "x_embedder.weight", where)
+    head_dim = shape_of(tensors, "transformer_blocks.0.attn.norm_q.weight", where)[0]
+    scaled = [a * head_dim / sum(FLUX_RELEASED_AXES) for a in FLUX_RELEASED_AXES]
+    if any(a % 2 for a in scaled):  # not an even integer
+        raise CheckpointError(f"{where}: head_dim {head_dim} does not scale FLUX.1's RoPE axes {FLUX_RELEASED_AXES} "
+                              "to even sizes; pass a config with axes_dims_rope (the diffusers config.json fields)")
+    joint_dim = shape_of(tensors, "context_embedder.weight", where)[1]
+    out_channels = shape_of(tensors, "proj_out.weight", where)[0]
+    return FluxConfig(
+        in_channels=in_channels, out_channels=None if out_channels == in_channels else out_channels,  # as FLUX.1's
+        num_layers=count_indexed(tensors, "transformer_blocks."),
+        num_single_layers=count_indexed(tensors, "single_transformer_blocks."),
+        attention_head_dim=head_dim, num_attention_heads=dim // head_dim, joint_attention_dim=joint_dim,
+        pooled_projection_dim=shape_of(tensors, "time_text_embed.text_embedder.linear_1.weight", where)[1],
+        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in tensors,
+        axes_dims_rope=tuple(int(a) for a in scaled),
+    )
+
+
+def hub_config(folder: Path, class_name: str) -> dict:
+    """A diffusers component's config.json, checked to be of `class_name`."""
+    config = read_json(folder / "config.json")
+    if config.get("_class_name", class_name) != class_name:
+        raise CheckpointError(f"{folder}/config.json: _class_name {config['_class_name']!r}, expected {class_name}")
+    return config
+
+
+def load_sd3_transformer(location: Path, dtype: torch.dtype, device, config: dict | None = None) -> SD3MMDiT:
+    """A diffusers SD3Transformer2DModel folder (config.json + safetensors, sharded or not), or a single file: SAI's
+    sd3*.safetensors (`model.diffusion_model.` keys; the VAE and text encoders beside them are not read) or a
+    diffusers-named file. A single file's config is inferred from its shapes unless `config` (config.json fields)
+    is given."""
+    if location.is_dir():
+        cfg = SD3Config.from_dict(hub_config(location, "SD3Transformer2DModel"))
+        tensors = read_tensors(location, device)
+    else:
+        tensors = read_component(location, (SAI_PREFIX, ""), SD3_MARKERS, "an SD3 / SD3.5 transformer", device)
+        if SD3_MARKERS[0] in tensors:
+            tensors = sd3_from_original(tensors, location)
+        cfg = SD3Config.from_dict(config) if config else sd3_config_from_tensors(tensors, location)
+    return load_module(lambda: SD3MMDiT(cfg), tensors, location, dtype, device)
+
+
+def load_flux_transformer(location: Path, dtype: torch.dtype, device, config: dict | None = None) -> FluxDiT:
+    """A diffusers FluxTransformer2DModel folder, or a single file: BFL's flux1-{schnell,dev}.safetensors (no prefix;
+    ComfyUI repacks under `model.diffusion_model.`) or a diffusers-named file. A single file's config is inferred
+    from its shapes (see flux_config_from_tensors) unless `config` (config.json fields) is given."""
+    if location.is_dir():
+        cfg = FluxConfig.from_dict(hub_config(location, "FluxTransformer2DModel"))
+        tensors = read_tensors(location, device)
+    else:
+        tensors = read_component(location, (SAI_PREFIX, ""), FLUX_MARKERS, "a FLUX.1 transformer", device)
+        if FLUX_MARKERS[0] in tensors:
+            tensors = flux_from_original(tensors, location)
+        cfg = FluxConfig.from_dict(config) if config else flux_config_from_tensors(tensors, location)
+    return load_module(lambda: FluxDiT(cfg), tensors, location, dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""The denoisers: shared transformer building blocks and the Z-Image single-stream DiT.
+"""The denoisers: shared transformer building blocks and the source backbones, then L2P's pixel model.
 
-Read top to bottom: shared blocks (norms, attention, RoPE, timestep embedding, patchify), then the
-Z-Image backbone ("S3-DiT", the source model L2P was built on), then its configuration from the hub's
-`config.json` or from tensor shapes. Module and parameter names mirror the diffusers layout so hub
-safetensors load with `assign=True` and no renaming.
+Read top to bottom: shared blocks (configs from the hub's `config.json`, norms, attention, RoPE, timestep
+embedding, patchify), then the Z-Image backbone ("S3-DiT", the source model L2P was built on), then the
+MMDiT backbones (SD3 / SD3.5 and FLUX.1), then the Detailer Head and the pixel model. Module and parameter
+names mirror the diffusers layout so hub safetensors load with `assign=True` and no renaming.
 
 Every backbone speaks the project's time convention (see the top of sample.py): it is called with
 `sigma` (1 = pure noise, 0 = data) and returns the velocity `noise - x0`. A source model's native
@@ -21,6 +21,19 @@ from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # Shared building blocks
+
+
+class HubConfig:
+    """from_dict / to_dict for config dataclasses built from a hub config.json: unknown bookkeeping keys
+    (`_class_name`, `_diffusers_version`, ...) are ignored, JSON lists become tuples and back."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
 
 class RMSNorm(nn.Module):
@@ -145,7 +158,7 @@ ZIMAGE_FINAL_NORM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
-class ZImageConfig:
+class ZImageConfig(HubConfig):
     """Fields and defaults of the hub's transformer/config.json (Z-Image-Turbo values)."""
 
     all_patch_size: tuple[int, ...] = (2,)
@@ -175,15 +188,9 @@ class ZImageConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ZImageConfig":
-        """Build from a hub config.json dict; unknown bookkeeping keys (`_class_name`, ...) are ignored."""
         if d.get("siglip_feat_dim") is not None:
             raise ValueError("Z-Image Omni (siglip_feat_dim) is not supported: only text-to-image Z-Image")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        return super().from_dict(d)
 
 
 class ZImageAttention(nn.Module):
@@ -365,6 +372,481 @@ class ZImageDiT(nn.Module):
         for block in self.layers:
             h = run_block(block, ckpt, h, rope, mask, c)
         return h[:, :n_image]
+
+
+# ----------------------------------------------------------------------------------------------------
+# MMDiT: SD3 / SD3.5 (diffusers SD3Transformer2DModel) and FLUX.1 (diffusers FluxTransformer2DModel)
+#
+# Both are double-stream transformers: image and text tokens keep their own weights (adaLN modulation,
+# q/k/v/out projections, MLP) and meet in one joint attention; FLUX then joins them in single-stream blocks.
+# Both natively predict the project's velocity noise - x0 (their pipelines step x += (sigma_next - sigma) * v).
+
+MMDIT_NORM_EPS = 1e-6  # the affine-free LayerNorms around every modulation and the q/k RMS norms, SD3 and FLUX alike
+MMDIT_MLP_RATIO = 4
+TIME_FEATURES = 256  # width of the sinusoidal timestep (and FLUX guidance) features (hub_formats.md 1.3)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear, named as diffusers' TimestepEmbedding and PixArtAlphaTextProjection."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    """The adaLN condition: MLP(sinusoid(t)) [+ MLP(sinusoid(guidance))] + MLP(pooled text embedding)
+    (diffusers CombinedTimestepTextProjEmbeddings, and CombinedTimestepGuidanceTextProjEmbeddings for FLUX-dev)."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(TIME_FEATURES, dim)
+        self.guidance_embedder = MLPEmbedder(TIME_FEATURES, dim) if guidance else None
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, t: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.text_embedder.linear_1.weight.dtype
+        c = self.timestep_embedder(timestep_embedding(t, TIME_FEATURES).to(dtype))
+        if guidance is not None:
+            c = c + self.guidance_embedder(timestep_embedding(guidance, TIME_FEATURES).to(dtype))
+        return c + self.text_embedder(pooled.to(dtype))
+
+
+class Modulation(nn.Module):
+    """adaLN: Linear(SiLU(c)) split into `n` vectors of (B, 1, dim); named `linear` as diffusers' adaptive norms."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(c))[:, None].chunk(self.n, dim=-1)
+
+
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """The affine-free LayerNorm the modulations act on."""
+    return F.layer_norm(x, (x.shape[-1],), eps=MMDIT_NORM_EPS)
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return normed * (1 + scale) + shift
+
+
+class GELUTanh(nn.Module):
+    """Linear then tanh-approximated GELU (diffusers' GELU module, hence the `proj` name)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear, keyed as diffusers' FeedForward: net.0.proj, net.2 (net.1 was its dropout)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(GELUTanh(dim, hidden), nn.Identity(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MMDiTAttention(nn.Module):
+    """The projections of MMDiT attention, keyed as diffusers' Attention: to_q/k/v and to_out for the image
+    stream; with `text`, add_q/k/v_proj for the text stream and, unless the block is the last of SD3's
+    (context_pre_only), to_add_out; per-head RMS q/k norms when `qk_norm`. FLUX's single blocks have no
+    output projection of their own (`out=False`): it is fused into the block's proj_out."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, text: bool = False, text_out: bool = False,
+                 out: bool = True):
+        super().__init__()
+        self.heads = heads
+        norm = (lambda: RMSNorm(dim // heads, MMDIT_NORM_EPS)) if qk_norm else nn.Identity
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.norm_q, self.norm_k = norm(), norm()
+        if out:
+            self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list only to match hub key names
+        if text:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
+            self.norm_added_q, self.norm_added_k = norm(), norm()
+            if text_out:
+                self.to_add_out = nn.Linear(dim, dim)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image-stream q, k, v: (B, S, dim) -> 3 x (B, S, heads, head_dim), q and k normed."""
+        split = lambda t: t.unflatten(-1, (self.heads, -1))  # noqa: E731
+        return self.norm_q(split(self.to_q(x))), self.norm_k(split(self.to_k(x))), split(self.to_v(x))
+
+    def added_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text-stream q, k, v, as `qkv`."""
+        split = lambda t: t.unflatten(-1, (self.heads, -1))  # noqa: E731
+        q, k = self.norm_added_q(split(self.add_q_proj(x))), self.norm_added_k(split(self.add_k_proj(x)))
+        return q, k, split(self.add_v_proj(x))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k, v (B, S, heads, head_dim), optionally rotated -> (B, S, heads * head_dim), through `attention`."""
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2).flatten(2)
+
+
+class JointBlock(nn.Module):
+    """Double-stream block: SD3's JointTransformerBlock and FLUX's FluxTransformerBlock (same keys in diffusers).
+
+    Each stream is modulated by its own adaLN-Zero (shift, scale, gate for attention and for the MLP); the joint
+    attention runs over [text, image]. (SD3 orders [image, text]; without positions inside attention the order only
+    permutes the softmax sum, so one order serves both.) MMDiT-X layers (SD3.5-Medium, `dual_attention`) add an
+    image-only self-attention `attn2` whose shift/scale/gate are vectors 7-9 of a 9-vector modulation, applied to the
+    block's input. The last SD3 block is `context_pre_only`: its text only gives keys and values, so it has no text
+    output projection or MLP, and its text modulation is AdaLayerNormContinuous (scale, shift)."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, context_pre_only: bool = False,
+                 dual_attention: bool = False):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.norm1 = Modulation(dim, 9 if dual_attention else 6)
+        self.norm1_context = Modulation(dim, 2 if context_pre_only else 6)
+        self.attn = MMDiTAttention(dim, heads, qk_norm, text=True, text_out=not context_pre_only)
+        self.attn2 = MMDiTAttention(dim, heads, qk_norm) if dual_attention else None
+        self.ff = FeedForward(dim, MMDIT_MLP_RATIO * dim)
+        self.ff_context = None if context_pre_only else FeedForward(dim, MMDIT_MLP_RATIO * dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None):
+        """x (B, N, dim) image tokens, context (B, L, dim) text tokens, c (B, dim); rope: complex (1, L + N, hd/2).
+        Returns the new (x, context); context is None after a context_pre_only block."""
+        mod = self.norm1(c)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
+        x_normed = layer_norm(x)
+        if self.context_pre_only:
+            c_scale_msa, c_shift_msa = self.norm1_context(c)
+        else:
+            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(c)
+        q, k, v = self.attn.qkv(modulate(x_normed, shift_msa, scale_msa))
+        cq, ck, cv = self.attn.added_qkv(modulate(layer_norm(context), c_shift_msa, c_scale_msa))
+        n_text = context.shape[1]
+        out = attend(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1), rope)  # (B, L + N, dim)
+        x = x + gate_msa * self.attn.to_out[0](out[:, n_text:])
+        if self.attn2 is not None:
+            shift_msa2, scale_msa2, gate_msa2 = mod[6:]
+            q2, k2, v2 = self.attn2.qkv(modulate(x_normed, shift_msa2, scale_msa2))
+            x = x + gate_msa2 * self.attn2.to_out[0](attend(q2, k2, v2))
+        x = x + gate_mlp * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        if self.context_pre_only:
+            return x, None
+        context = context + c_gate_msa * self.attn.to_add_out(out[:, :n_text])
+        context = context + c_gate_mlp * self.ff_context(modulate(layer_norm(context), c_shift_mlp, c_scale_mlp))
+        return x, context
+
+
+def final_layer(norm_out: Modulation, proj_out: nn.Linear, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """SD3's and FLUX's output: AdaLayerNormContinuous (scale, then shift) and a per-token Linear."""
+    scale, shift = norm_out(c)
+    return proj_out(modulate(layer_norm(h), shift, scale))
+
+
+# SD3 / SD3.5 ----------------------------------------------------------------------------------------
+
+SD3_TIME_SCALE = 1000.0  # SD3 is called with timestep = sigma * 1000 (its scheduler's num_train_timesteps)
+SINCOS_MAX_PERIOD = 10000.0  # of the 2-D sin-cos position table
+# The stored position table is rebuilt from the sin-cos formula to extend it (SD3PatchEmbed.table); checking the
+# formula against the stored first row must allow for fp16 / bf16 storage (values in [-1, 1], bf16 step 2^-8).
+SD3_TABLE_TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class SD3Config(HubConfig):
+    """Fields and defaults of diffusers' SD3Transformer2DModel config.json. The defaults are that class's own, so a
+    config.json that omits a field (the original SD3-Medium one has no dual_attention_layers or qk_norm) means what
+    it means to diffusers. Real values (hub_formats.md 2.2): SD3-Medium 24 layers, 24 heads, P 192; SD3.5-Medium
+    adds qk_norm "rms_norm", dual_attention_layers 0..12, P 384; SD3.5-Large 38 layers, 38 heads, qk_norm, P 192."""
+
+    sample_size: int = 128  # diffusers builds the position table from it; we load the stored table instead
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int | None = 16  # None: = in_channels
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1152
+    pooled_projection_dim: int = 2048
+    pos_embed_max_size: int = 96
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+
+def sincos_table(dim: int, rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' get_2d_sincos_pos_embed at float positions: rows (h,), cols (w,) -> (h * w, dim), rows first.
+    The first half of the channels encodes the column, the second the row (its meshgrid puts w first); each half
+    is [sin(p * w_k), cos(p * w_k)] with w_k = 10000^(-k / (dim / 4)), computed in float64 as the reference."""
+    quarter = dim // 4
+    omega = SINCOS_MAX_PERIOD ** -(torch.arange(quarter, dtype=torch.float64, device=rows.device) / quarter)
+
+    def axis(positions: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, dim / 2)
+        angles = positions.double()[:, None] * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
+
+    h, w = len(rows), len(cols)
+    table = torch.cat([axis(cols)[None].expand(h, w, -1), axis(rows)[:, None].expand(h, w, -1)], dim=-1)
+    return table.reshape(h * w, dim)
+
+
+class SD3PatchEmbed(nn.Module):
+    """Conv patch embedding, and the stored P x P sin-cos position table (diffusers PatchEmbed with
+    pos_embed_max_size P): a grid of h x w tokens gets the centre crop starting at ((P - h) // 2, (P - w) // 2).
+
+    Past P, where diffusers (and SAI's reference) refuse, we continue the same grid outward: the crop formula with a
+    negative start, at the stored table's spacing, the positions that do not exist computed from the sin-cos formula.
+    The trained table's frequencies and token spacing are kept, so nearby tokens relate as in training; only the
+    outermost positions are new, extrapolated rather than squeezed (interpolating would change every spacing)."""
+
+    def __init__(self, cfg: SD3Config):
+        super().__init__()
+        self.max_size = cfg.pos_embed_max_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.register_buffer("pos_embed", torch.zeros(1, cfg.pos_embed_max_size**2, cfg.dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, dim, h, w) -> (B, h * w, dim)
+
+    def table(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings (1, h * w, dim) of an h x w token grid."""
+        P, (h, w) = self.max_size, grid
+        top, left = (P - h) // 2, (P - w) // 2
+        if h <= P and w <= P:
+            return self.pos_embed.unflatten(1, (P, P))[:, top:top + h, left:left + w].flatten(1, 2)
+        spacing = self.spacing()
+        device = self.pos_embed.device
+        rows = (top + torch.arange(h, device=device)) * spacing
+        cols = (left + torch.arange(w, device=device)) * spacing
+        return sincos_table(self.pos_embed.shape[-1], rows, cols, self.pos_embed.dtype)[None]
+
+    def spacing(self) -> float:
+        """The distance between neighbouring positions of the stored table. diffusers builds it at positions
+        arange(P) * base / P, base = sample_size // patch_size an integer (SD3: 64 / 192), so base is read from the
+        angle at column 1 of the unit frequency (sin, cos in channels 0 and dim / 4) and rounded; the whole first row
+        is then checked against the formula, so a table built otherwise is refused rather than extended wrongly."""
+        P, dim = self.max_size, self.pos_embed.shape[-1]
+        stored = self.pos_embed[0, :P].float()  # row 0, columns 0 .. P-1
+        spacing = round(P * math.atan2(stored[1, 0], stored[1, dim // 4])) / P
+        zero, columns = torch.zeros(1, device=stored.device), torch.arange(P, device=stored.device) * spacing
+        error = float((sincos_table(dim, zero, columns, torch.float32) - stored).abs().max())
+        if spacing <= 0 or error > SD3_TABLE_TOLERANCE:
+            raise ValueError(f"SD3 position table: not the sin-cos grid diffusers builds (first row differs by "
+                             f"{error:.3g}), so it cannot be extended past its {P} x {P} tokens")
+        return spacing
+
+
+class SD3MMDiT(nn.Module):
+    """SD3 / SD3.5 MMDiT(-X): patch embedding + stored position table, joint blocks, adaLN output layer."""
+
+    VELOCITY_SIGN = 1.0  # SD3 natively predicts noise - x0, the project's velocity
+
+    def __init__(self, cfg: SD3Config):
+        super().__init__()
+        if cfg.caption_projection_dim != cfg.dim:
+            raise ValueError(f"SD3 config: caption_projection_dim {cfg.caption_projection_dim} must equal "
+                             f"num_attention_heads x attention_head_dim = {cfg.dim}")
+        if cfg.qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"SD3 config: qk_norm {cfg.qk_norm!r} is not supported (None or 'rms_norm')")
+        if any(not 0 <= i < cfg.num_layers for i in cfg.dual_attention_layers):
+            raise ValueError(f"SD3 config: dual_attention_layers {cfg.dual_attention_layers} "
+                             f"outside 0..{cfg.num_layers - 1}")
+        self.cfg = cfg
+        dim = cfg.dim
+        self.pos_embed = SD3PatchEmbed(cfg)
+        self.time_text_embed = TimeTextEmbed(dim, cfg.pooled_projection_dim, guidance=False)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList([
+            JointBlock(dim, cfg.num_attention_heads, cfg.qk_norm is not None, context_pre_only=i == cfg.num_layers - 1,
+                       dual_attention=i in cfg.dual_attention_layers)
+            for i in range(cfg.num_layers)
+        ])
+        self.norm_out = Modulation(dim, 2)
+        self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.output_channels)
+        self.gradient_checkpointing = False
+
+    def condition(self, sigma: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """adaLN vector (B, dim) from sigma (B,) and the pooled CLIP embedding (B, pooled_projection_dim)."""
+        if guidance is not None:
+            raise ValueError("SD3 has no guidance embedding: guidance is classifier-free, applied by the sampler")
+        return self.time_text_embed(sigma * SD3_TIME_SCALE, pooled)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity `noise - x0` for latents x (B, C, H, W), sigma (B,), context (B, L, joint_attention_dim)."""
+        patch, (H, W) = self.cfg.patch_size, x.shape[-2:]
+        if H % patch or W % patch:
+            raise ValueError(f"SD3 latents {H}x{W}: height and width must be multiples of the patch size {patch}")
+        c = self.condition(sigma, pooled, guidance)
+        h = self.transform(self.pos_embed(x.to(c.dtype)), (H // patch, W // patch), c, context)
+        return self.VELOCITY_SIGN * unpatchify(final_layer(self.norm_out, self.proj_out, h, c), patch, H, W)
+
+    def transform(self, tokens: torch.Tensor, grid: tuple[int, int], c: torch.Tensor, context: torch.Tensor):
+        """Embedded image tokens (B, h*w, dim) -> the last block's image tokens (B, h*w, dim)."""
+        x = tokens + self.pos_embed.table(grid).to(tokens.dtype)
+        context = self.context_embedder(context.to(tokens.dtype))
+        for block in self.transformer_blocks:
+            x, context = run_block(block, self.gradient_checkpointing, x, context, c)
+        return x
+
+
+# FLUX.1 ---------------------------------------------------------------------------------------------
+
+FLUX_TIME_SCALE = 1000.0  # FLUX is called with t = sigma and multiplies time and guidance by 1000 inside
+FLUX_ROPE_THETA = 10000.0
+FLUX_PACK = 2  # latents are packed 2 x 2 into tokens before the model (diffusers' patch_size 1 acts after that)
+FLUX_RELEASED_AXES = (16, 56, 56)  # RoPE split of FLUX.1's head_dim 128: (index, row, col)
+
+
+@dataclass(frozen=True)
+class FluxConfig(HubConfig):
+    """Fields and defaults of diffusers' FluxTransformer2DModel config.json (its defaults are FLUX.1's values;
+    guidance_embeds: false for schnell, true for dev)."""
+
+    patch_size: int = 1
+    in_channels: int = 64  # 16 latent channels x 2 x 2 packing
+    out_channels: int | None = None  # None: = in_channels
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = FLUX_RELEASED_AXES
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """FLUX packing: (B, C, H, W) -> (B, H/2 * W/2, C * 4), channel index c * 4 + ph * 2 + pw (BFL and diffusers)."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // FLUX_PACK, FLUX_PACK, W // FLUX_PACK, FLUX_PACK)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // FLUX_PACK) * (W // FLUX_PACK), C * FLUX_PACK**2)
+
+
+def unpack_latents(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `pack_latents`: (B, h * w, C * 4) -> (B, C, 2h, 2w)."""
+    B, _, D = tokens.shape
+    (h, w), C = grid, D // FLUX_PACK**2
+    x = tokens.reshape(B, h, w, C, FLUX_PACK, FLUX_PACK)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, C, h * FLUX_PACK, w * FLUX_PACK)
+
+
+class SingleBlock(nn.Module):
+    """FLUX single-stream block (diffusers FluxSingleTransformerBlock) over the joined [text, image] sequence:
+    one modulation (shift, scale, gate), attention and MLP in parallel from the same input, one fused output
+    projection of [attention ‖ GELU(mlp)]."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm = Modulation(dim, 3)
+        self.proj_mlp = nn.Linear(dim, MMDIT_MLP_RATIO * dim)
+        self.attn = MMDiTAttention(dim, heads, qk_norm=True, out=False)
+        self.proj_out = nn.Linear(dim + MMDIT_MLP_RATIO * dim, dim)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.norm(c)
+        normed = modulate(layer_norm(h), shift, scale)
+        mlp = F.gelu(self.proj_mlp(normed), approximate="tanh")
+        return h + gate * self.proj_out(torch.cat([attend(*self.attn.qkv(normed), rope), mlp], dim=-1))
+
+
+class FluxDiT(nn.Module):
+    """FLUX.1 [schnell, dev]: packed latent tokens, double-stream then single-stream blocks, adaLN output layer.
+
+    RoPE (diffusers FluxPosEmbed, BFL EmbedND): ids (index, row, col) per token, text tokens all zeros, image token
+    (0, row, col); the head dimension is split over the axes as axes_dims_rope, rotating adjacent channel pairs."""
+
+    VELOCITY_SIGN = 1.0  # FLUX natively predicts noise - x0, the project's velocity
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        if cfg.patch_size != 1 or cfg.in_channels % FLUX_PACK**2:
+            raise ValueError(f"FLUX config: patch_size {cfg.patch_size} and in_channels {cfg.in_channels} must be 1 and "
+                             f"a multiple of {FLUX_PACK**2} (2 x 2 packed latents), as in FLUX.1")
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim or any(a % 2 for a in cfg.axes_dims_rope):
+            raise ValueError(f"FLUX config: axes_dims_rope {cfg.axes_dims_rope} must be even and sum to "
+                             f"attention_head_dim {cfg.attention_head_dim}")
+        self.cfg = cfg
+        dim, heads = cfg.dim, cfg.num_attention_heads
+        self.time_text_embed = TimeTextEmbed(dim, cfg.pooled_projection_dim, guidance=cfg.guidance_embeds)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(cfg.in_channels, dim)
+        self.transformer_blocks = nn.ModuleList([JointBlock(dim, heads, qk_norm=True) for _ in range(cfg.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList([SingleBlock(dim, heads) for _ in range(cfg.num_single_layers)])
+        self.norm_out = Modulation(dim, 2)
+        self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.output_channels)
+        self.gradient_checkpointing = False
+
+    def condition(self, sigma: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | float | None = None):
+        """adaLN vector (B, dim) from sigma (B,), the pooled CLIP embedding (B, pooled_projection_dim) and, for
+        guidance-distilled models (dev), the guidance scale. As both references do, time and guidance are rounded
+        to the model's dtype before the x1000 (in bfloat16 that quantises them)."""
+        dtype = self.x_embedder.weight.dtype
+        if self.cfg.guidance_embeds and guidance is None:
+            raise ValueError("this FLUX model is guidance-distilled (guidance_embeds, like FLUX.1-dev): pass guidance")
+        if not self.cfg.guidance_embeds and guidance is not None:
+            raise ValueError("this FLUX model has no guidance embedding (like FLUX.1-schnell): guidance must be None")
+        if guidance is not None:
+            guidance = torch.as_tensor(guidance, device=sigma.device).expand(sigma.shape).to(dtype) * FLUX_TIME_SCALE
+        return self.time_text_embed(sigma.to(dtype) * FLUX_TIME_SCALE, pooled, guidance)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Velocity `noise - x0` for latents x (B, C, H, W), sigma (B,), context (B, L, joint_attention_dim)."""
+        H, W = x.shape[-2:]
+        if H % FLUX_PACK or W % FLUX_PACK:
+            raise ValueError(f"FLUX latents {H}x{W}: height and width must be even (2 x 2 packing)")
+        c = self.condition(sigma, pooled, guidance)
+        grid = (H // FLUX_PACK, W // FLUX_PACK)
+        h = self.transform(self.x_embedder(pack_latents(x.to(c.dtype))), grid, c, context)
+        return self.VELOCITY_SIGN * unpack_latents(final_layer(self.norm_out, self.proj_out, h, c), grid)
+
+    def rope(self, grid: tuple[int, int], n_text: int, device) -> torch.Tensor:
+        """Rotations (1, n_text + h*w, head_dim / 2) for the sequence [text, image]."""
+        rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
+                                    indexing="ij")
+        image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).flatten(0, 1)  # (h*w, 3): (0, row, col)
+        ids = torch.cat([torch.zeros(n_text, 3, dtype=image.dtype, device=device), image])
+        return rope_frequencies(ids[None], self.cfg.axes_dims_rope, FLUX_ROPE_THETA)
+
+    def transform(self, tokens: torch.Tensor, grid: tuple[int, int], c: torch.Tensor, context: torch.Tensor):
+        """Embedded image tokens (B, h*w, dim) -> the last single block's image tokens (B, h*w, dim)."""
+        context = self.context_embedder(context.to(tokens.dtype))
+        n_text, ckpt = context.shape[1], self.gradient_checkpointing
+        rope = self.rope(grid, n_text, tokens.device)
+        x = tokens
+        for block in self.transformer_blocks:
+            x, context = run_block(block, ckpt, x, context, c, rope)
+        h = torch.cat([context, x], dim=1)
+        for block in self.single_transformer_blocks:
+            h = run_block(block, ckpt, h, c, rope)
+        return h[:, n_text:]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Everything that turns inputs into tokens and back.
 
-Text: prompt tokenization with `tokenizers` (Z-Image's chat formatting of a Qwen3 byte-level BPE) and the
-Qwen3 text encoder whose second-to-last hidden state conditions Z-Image.
+Text: prompt tokenization with `tokenizers` (Z-Image's chat formatting of a Qwen3 byte-level BPE, CLIP's BPE,
+T5's unigram) and the text encoders: Qwen3, whose second-to-last hidden state conditions Z-Image; CLIP-L,
+OpenCLIP bigG and T5, whose outputs `sd3_conditioning` / `flux_conditioning` assemble as SD3 and FLUX expect.
 Images: the 16-channel AutoencoderKL, the *latent* tokenizer that only the source model needs (synth.py).
 The *pixel* tokenizer that replaces it after transfer is a plain reshape, `model.patchify`.
 
@@ -9,13 +10,15 @@ Module and parameter names mirror the transformers / diffusers layouts so hub sa
 """
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from model import RMSNorm
 
@@ -224,6 +227,397 @@ def encode_prompts(encoder: Qwen3TextEncoder, tokenizer: PromptTokenizer, prompt
     ids, mask = tokenizer(prompts)
     hidden = encoder(ids.to(device), mask.to(device))
     return [h[m] for h, m in zip(hidden, mask.to(device))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLIP and T5 prompt tokenization (SD3 / FLUX), with transformers' CLIPTokenizer / T5Tokenizer behaviour
+
+CLIP_MAX_TOKENS = 77  # the CLIP tokenizers' model_max_length = the text encoders' max_position_embeddings
+# transformers' CLIPTokenizer pre-tokenizer split (kept matches only, so whitespace disappears)
+CLIP_SPLIT_REGEX = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_WORD_END = "</w>"  # CLIP's BPE marks the last piece of each word instead of a leading space
+CLIP_DEFAULT_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                         "pad_token": "<|endoftext|>"}  # transformers' CLIPTokenizer defaults
+T5_DEFAULT_SPECIALS = {"pad_token": "<pad>"}  # id 0; </s> comes from tokenizer.json's post-processor
+
+
+def special_tokens(folder: Path, defaults: dict[str, str]) -> dict[str, str]:
+    """The special tokens named in `defaults`, as a tokenizer folder sets them: tokenizer_config.json over
+    special_tokens_map.json over the defaults. Entries are strings or {"content": ...} dicts (transformers
+    writes both)."""
+    found = dict(defaults)
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
+        path = folder / name
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        for key in defaults:
+            value = config.get(key)
+            if value is not None:
+                found[key] = value["content"] if isinstance(value, dict) else value
+    return found
+
+
+def padded_ids(tokenizer: Tokenizer, prompts: list[str], length: int, pad_token: str) -> torch.Tensor:
+    """(B, length) ids: special tokens added, truncated so they survive, padded on the right, exactly as
+    transformers' `padding="max_length", truncation=True` drives the same `tokenizers` backend."""
+    tokenizer.enable_truncation(length)
+    tokenizer.enable_padding(length=length, pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token)
+    return torch.tensor([e.ids for e in tokenizer.encode_batch(prompts)], dtype=torch.long)
+
+
+class CLIPPromptTokenizer:
+    """CLIP's byte-level BPE from a tokenizer folder's vocab.json + merges.txt (SD3 and FLUX repositories ship
+    no tokenizer.json): [bos] + bpe[:75] + [eos], padded to 77 with the folder's pad token (SD3's tokenizer
+    pads with <|endoftext|>, its tokenizer_2 with "!", id 0). Text is NFC-normalised, whitespace runs become one
+    space and everything is lower-cased, as transformers' CLIPTokenizer does."""
+
+    def __init__(self, folder: Path):
+        specials = special_tokens(folder, CLIP_DEFAULT_SPECIALS)
+        vocab, merges = models.BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+        tok = Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix=CLIP_WORD_END,
+                                   unk_token=specials["unk_token"], fuse_unk=False))
+        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_SPLIT_REGEX), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        # transformers registers every named special token (a pad "!" included) as an added token, so a prompt's
+        # literal "!" becomes that token, not the BPE piece "!</w>"
+        tok.add_special_tokens(list(dict.fromkeys(specials.values())))
+        bos, eos = specials["bos_token"], specials["eos_token"]
+        tok.post_processor = processors.RobertaProcessing((eos, tok.token_to_id(eos)), (bos, tok.token_to_id(bos)),
+                                                          trim_offsets=False, add_prefix_space=False)
+        self.tokenizer, self.pad_token = tok, specials["pad_token"]
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids (B, 77)."""
+        return padded_ids(self.tokenizer, prompts, CLIP_MAX_TOKENS, self.pad_token)
+
+
+class T5PromptTokenizer:
+    """T5's SentencePiece unigram from the folder's tokenizer.json, whose post-processor appends </s>; padded
+    with <pad> (id 0) to a fixed length and truncated to it, the </s> kept."""
+
+    def __init__(self, folder: Path):
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.pad_token = special_tokens(folder, T5_DEFAULT_SPECIALS)["pad_token"]
+
+    def __call__(self, prompts: list[str], length: int) -> torch.Tensor:
+        """Token ids (B, length)."""
+        return padded_ids(self.tokenizer, prompts, length, self.pad_token)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLIP text encoder (transformers CLIPTextModel / CLIPTextModelWithProjection): OpenAI CLIP-L and OpenCLIP bigG
+
+QUICK_GELU_SCALE = 1.702  # x * sigmoid(1.702 x): OpenAI CLIP's approximation of GELU
+CLIP_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(QUICK_GELU_SCALE * x), "gelu": F.gelu}  # as ACT2FN
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """Fields of a text_encoder*/config.json (CLIP-L values as defaults); `has_projection` says whether the
+    checkpoint carries `text_projection.weight` (CLIPTextModelWithProjection)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = CLIP_MAX_TOKENS
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+    has_projection: bool = False
+
+    def __post_init__(self):
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"CLIP config: hidden_act {self.hidden_act!r} is not supported "
+                             f"(supported: {', '.join(CLIP_ACTIVATIONS)})")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPTextConfig":
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
+        return cls(**kwargs, has_projection="CLIPTextModelWithProjection" in d.get("architectures", ()))
+
+
+class CLIPOutput(NamedTuple):
+    penultimate: torch.Tensor  # (B, L, hidden) hidden_states[-2]: the last layer's input, no final LayerNorm
+    last_hidden: torch.Tensor  # (B, L, hidden) after the final LayerNorm
+    pooled: torch.Tensor  # (B, hidden) last_hidden at the EOS token (pooler_output)
+    projected: torch.Tensor | None  # (B, projection_dim) text_projection(pooled) (text_embeds), if the model has one
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        d = cfg.hidden_size
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        # (B, L, D) -> (B, heads, L, head_dim); causal, as CLIP's text transformer was trained
+        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.act = CLIP_ACTIVATIONS[cfg.hidden_act]
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPLayer(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, ids):
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class CLIPEncoderLayers(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoderLayers(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's causal text transformer. Module names are transformers' keys (`text_model.…`, `text_projection`), so
+    CLIP-L (quick_gelu) and OpenCLIP bigG (gelu) checkpoints load as stored."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        self.text_projection = (nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+                                if cfg.has_projection else None)
+
+    def forward(self, ids: torch.Tensor) -> CLIPOutput:
+        """ids (B, L), L <= max_position_embeddings, EOS the largest id in the vocabulary."""
+        x = self.text_model.embeddings(ids)
+        *inner, last = self.text_model.encoder.layers
+        for layer in inner:
+            x = layer(x)
+        last_hidden = self.text_model.final_layer_norm(last(x))
+        # Pool at argmax(ids): the hub configs keep the legacy eos_token_id 2, for which transformers takes the
+        # first occurrence of the largest id, i.e. the first EOS (hub_formats.md 5.1)
+        pooled = last_hidden[torch.arange(len(ids), device=ids.device), ids.argmax(-1)]
+        projected = self.text_projection(pooled) if self.text_projection is not None else None
+        return CLIPOutput(x, last_hidden, pooled, projected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# T5 v1.1 encoder (transformers T5EncoderModel), SD3's third and FLUX's second text encoder
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """Fields of a T5 config.json (T5-v1.1-XXL values as defaults); only the gated-GELU feed-forward of v1.1."""
+
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T5Config":
+        if d.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+            raise ValueError(f"T5 config: feed_forward_proj {d['feed_forward_proj']!r} is not supported (expected "
+                             "gated-gelu, as T5 v1.1)")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+
+def relative_position_bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bidirectional buckets for key - query offsets: half the buckets per direction, of those half exact
+    offsets and half logarithmic bins up to max_distance (transformers T5Attention._relative_position_bucket)."""
+    half = num_buckets // 2
+    bucket = (relative > 0).long() * half
+    distance = relative.abs()
+    exact = half // 2
+    log_bin = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    return bucket + torch.where(distance < exact, distance, log_bin.clamp(max=half - 1))
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without 1/sqrt(d_kv) scaling (T5 folds it into the initialisation) and without biases."""
+
+    def __init__(self, cfg: T5Config, has_relative_bias: bool):
+        super().__init__()
+        self.heads = cfg.num_heads
+        inner = cfg.num_heads * cfg.d_kv
+        self.q, self.k, self.v = (nn.Linear(cfg.d_model, inner, bias=False) for _ in range(3))
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        # (buckets, heads); stored in block 0 only, whose bias every block adds
+        self.relative_attention_bias = (nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+                                        if has_relative_bias else None)
+
+    def forward(self, x, position_bias):
+        q, k, v = (proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=position_bias.to(q.dtype), scale=1.0)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class T5SelfAttentionLayer(nn.Module):
+    def __init__(self, cfg: T5Config, has_relative_bias: bool):
+        super().__init__()
+        self.SelfAttention = T5Attention(cfg, has_relative_bias)  # transformers' key name
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x, position_bias):
+        return x + self.SelfAttention(self.layer_norm(x), position_bias)
+
+
+class T5GatedFeedForward(nn.Module):
+    """wo(gelu_tanh(wi_0 x) * wi_1 x): T5 v1.1's gated-GELU with transformers' gelu_new (tanh approximation)."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+
+
+class T5FeedForwardLayer(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5GatedFeedForward(cfg)  # transformers' key name
+        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x):
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class T5Block(nn.Module):
+    def __init__(self, cfg: T5Config, has_relative_bias: bool):
+        super().__init__()
+        self.layer = nn.ModuleList([T5SelfAttentionLayer(cfg, has_relative_bias), T5FeedForwardLayer(cfg)])
+
+    def forward(self, x, position_bias):
+        return self.layer[1](self.layer[0](x, position_bias))
+
+
+class T5Stack(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.block = nn.ModuleList([T5Block(cfg, has_relative_bias=i == 0) for i in range(cfg.num_layers)])
+        self.final_layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+
+class T5Encoder(nn.Module):
+    """T5 encoder with transformers' T5EncoderModel keys (`shared.weight`, `encoder.block.{i}.layer…`). Returns
+    last_hidden_state. Run in float32 or bfloat16: T5 v1.1 activations overflow float16."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = T5Stack(cfg)
+
+    def position_bias(self, length: int, device) -> torch.Tensor:
+        """(1, heads, L, L) additive attention bias from block 0's relative position table."""
+        position = torch.arange(length, device=device)
+        offsets = position[None, :] - position[:, None]  # (L, L): key position - query position
+        buckets = relative_position_bucket(offsets, self.cfg.relative_attention_num_buckets,
+                                           self.cfg.relative_attention_max_distance)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+        return table(buckets).permute(2, 0, 1)[None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> (B, L, d_model). No attention mask: SD3 and FLUX attend to the padding too."""
+        x = self.shared(ids)
+        bias = self.position_bias(ids.shape[1], ids.device)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3 / FLUX conditioning, as diffusers' StableDiffusion3Pipeline and FluxPipeline encode_prompt
+
+SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline max_sequence_length (SAI's reference pads T5 to only 77)
+FLUX_DEV_T5_TOKENS = 512  # FluxPipeline default and BFL's dev setting
+FLUX_SCHNELL_T5_TOKENS = 256  # BFL's schnell setting
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def sd3_conditioning(prompts: list[str], clip_l: CLIPTextEncoder, clip_l_tokenizer: CLIPPromptTokenizer,
+                     clip_g: CLIPTextEncoder, clip_g_tokenizer: CLIPPromptTokenizer, t5: T5Encoder | None,
+                     t5_tokenizer: T5PromptTokenizer | None, joint_attention_dim: int,
+                     t5_tokens: int = SD3_T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (context (B, 77 + t5_tokens, joint_attention_dim), pooled (B, proj_l + proj_g)).
+
+    Context: CLIP-L and bigG penultimate states side by side (77 x (768 + 1280)), zero-padded on channels to
+    the T5 width, then T5's last hidden state along the sequence; without T5, zeros in its place.
+    Pooled: both projected pooled outputs; a CLIP-L without text_projection (SAI's clip_l.safetensors)
+    contributes its un-projected pooled output, as SAI's reference does (hub_formats.md 2.6, Q1).
+    """
+    device = device_of(clip_l)
+    outputs = [encoder(tokenizer(prompts).to(device_of(encoder)))
+               for encoder, tokenizer in ((clip_l, clip_l_tokenizer), (clip_g, clip_g_tokenizer))]
+    clip = torch.cat([out.penultimate.to(device) for out in outputs], dim=-1)  # (B, 77, hidden_l + hidden_g)
+    if t5 is None:
+        t5_hidden = torch.zeros(len(prompts), t5_tokens, joint_attention_dim, dtype=clip.dtype, device=device)
+    else:
+        t5_hidden = t5(t5_tokenizer(prompts, t5_tokens).to(device_of(t5))).to(device)
+    context = torch.cat([F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1])), t5_hidden], dim=1)
+    pooled = torch.cat([(out.projected if out.projected is not None else out.pooled).to(device) for out in outputs],
+                       dim=-1)
+    return context, pooled
+
+
+@torch.no_grad()
+def flux_conditioning(prompts: list[str], clip_l: CLIPTextEncoder, clip_tokenizer: CLIPPromptTokenizer, t5: T5Encoder,
+                      t5_tokenizer: T5PromptTokenizer,
+                      t5_tokens: int = FLUX_DEV_T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (T5 last hidden state (B, t5_tokens, d_model), CLIP-L pooled output without projection (B, 768))."""
+    context = t5(t5_tokenizer(prompts, t5_tokens).to(device_of(t5)))
+    pooled = clip_l(clip_tokenizer(prompts).to(device_of(clip_l))).pooled
+    return context, pooled.to(context.device)
 
 
 # ----------------------------------------------------------------------------------------------------

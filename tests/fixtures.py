@@ -100,3 +100,103 @@ def tiny_zimage_pipeline(folder: Path, seed: int = 0, scheduler: dict | None = N
     )
     pipe.save_pretrained(folder, max_shard_size=shard_size) if shard_size else pipe.save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3 / FLUX text encoders and their tokenizers (hub_formats.md 5 and 13.3)
+
+CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")  # bos, eos: the two largest ids, as in CLIP's 49406, 49407
+CLIP_TINY_VOCAB = 1000
+T5_TINY_VOCAB = 160
+
+
+def gpt2_byte_chars() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE in GPT-2 / CLIP order: "!" first (id 0 in CLIP's vocab)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def build_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", vocab_size: int = 700) -> Path:
+    """A CLIP tokenizer folder as SD3 / FLUX ship it (vocab.json, merges.txt, special_tokens_map.json,
+    tokenizer_config.json; no tokenizer.json), with merges learnt on a small corpus and CLIP's vocab order:
+    256 bytes, the same with "</w>", the merges, then <|startoftext|>, <|endoftext|>."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from tokenizer import CLIP_SPLIT_REGEX, CLIP_WORD_END
+
+    learner = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix=CLIP_WORD_END))
+    learner.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+    learner.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT_REGEX), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    learner.train_from_iterator(TOKENIZER_CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, end_of_word_suffix=CLIP_WORD_END, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    merges = [m.split(" ") if isinstance(m, str) else m for m in json.loads(learner.to_str())["model"]["merges"]]
+    chars = gpt2_byte_chars()
+    tokens = list(dict.fromkeys(chars + [c + CLIP_WORD_END for c in chars] + ["".join(m) for m in merges]))
+    tokens += list(CLIP_SPECIALS)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    bos, eos = CLIP_SPECIALS
+    def entry(token):  # special_tokens_map.json's form of a token
+        return {"content": token, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": entry(bos), "eos_token": entry(eos), "pad_token": pad_token, "unk_token": entry(eos)}, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
+        "add_prefix_space": False, "clean_up_tokenization_spaces": True,
+        "bos_token": bos, "eos_token": eos, "pad_token": pad_token, "unk_token": eos}, indent=2))
+    return folder
+
+
+def build_t5_tokenizer(folder: Path, vocab_size: int = T5_TINY_VOCAB) -> Path:
+    """A T5-style tokenizer.json (unigram, whitespace split + metaspace, "$A </s>" post-processor; <pad> 0,
+    </s> 1, <unk> 2), with the tokenizer_config.json of a T5TokenizerFast folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(TOKENIZER_CORPUS * 4, trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5Tokenizer", "model_max_length": 512, "eos_token": "</s>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "extra_ids": 0, "clean_up_tokenization_spaces": True}, indent=2))
+    return folder
+
+
+def tiny_clip(seed: int = 0, projection: bool = True, **overrides):
+    """transformers CLIPTextModelWithProjection (SD3) or CLIPTextModel (FLUX) at tiny width, keeping the legacy
+    eos_token_id 2 of the hub configs (pooling at argmax(ids), so EOS must be the largest id)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = dict(vocab_size=CLIP_TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
+                  bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return randomize(cls(CLIPTextConfig(**config)).eval(), seed, std=0.2)
+
+
+def tiny_t5(seed: int = 0, **overrides):
+    """transformers T5EncoderModel (v1.1: gated-gelu, untied) at tiny width."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = dict(vocab_size=T5_TINY_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                  relative_attention_max_distance=128, tie_word_embeddings=False)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return randomize(T5EncoderModel(T5Config(**config)).eval(), seed, std=0.2)
