@@ -27,8 +27,8 @@ from tokenizers import Tokenizer
 
 from model import FLUX_RELEASED_AXES, FluxConfig, FluxDiT, SD3Config, SD3MMDiT, ZImageConfig, ZImageDiT
 from tokenizer import (QWEN3_CHAT_TEMPLATE, AutoencoderKL, CLIPPromptTokenizer, CLIPTextConfig, CLIPTextEncoder,
-                       PromptTokenizer, Qwen3Config, Qwen3TextEncoder, T5Config, T5Encoder, T5PromptTokenizer,
-                       VAEConfig)
+                       FluxText, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, SD3Text, T5Config, T5Encoder,
+                       T5PromptTokenizer, VAEConfig, ZImageText)
 
 
 class CheckpointError(ValueError):
@@ -709,9 +709,8 @@ class LatentPipeline:
     name: str  # the hub id or path the user gave
     revision: str | None  # the hub commit when read from a cache snapshot
     transformer_sha256: str | None  # hash of the transformer's weight files (when loaded): what L2P builds on
-    transformer: ZImageDiT | None
-    text_encoder: Qwen3TextEncoder | None
-    tokenizer: PromptTokenizer | None
+    transformer: ZImageDiT | SD3MMDiT | FluxDiT | None
+    text: ZImageText | SD3Text | FluxText | None  # text(prompts) -> the conditioning the transformer takes
     vae: AutoencoderKL | None
     scheduler: dict  # scheduler_config.json
 
@@ -768,14 +767,14 @@ def load_pipeline(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *
             read_json(weights[part] / "config.json")
         open_safetensors(weights[part])
     scheduler = read_json(root / "scheduler" / "scheduler_config.json")
-    tokenizer = load_tokenizer(root / "tokenizer") if "text" in parts else None
+    text = ZImageText(load_qwen3(root / "text_encoder", dtype, device), load_tokenizer(root / "tokenizer")) \
+        if "text" in parts else None
     return LatentPipeline(
         name=ckpt,
         revision=revision_of(root),
         transformer_sha256=weights_sha256(transformer_path) if "transformer" in parts else None,
         transformer=load_zimage_transformer(transformer_path, dtype, device) if "transformer" in parts else None,
-        text_encoder=load_qwen3(root / "text_encoder", dtype, device) if "text" in parts else None,
-        tokenizer=tokenizer,
+        text=text,
         vae=load_vae(root / "vae", dtype, device) if "vae" in parts else None,
         scheduler=scheduler,
     )

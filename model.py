@@ -315,7 +315,7 @@ class ZImageDiT(nn.Module):
         self.layers = nn.ModuleList([ZImageBlock(cfg, modulated=True) for _ in range(cfg.n_layers)])
         self.gradient_checkpointing = False
 
-    def condition(self, sigma: torch.Tensor) -> torch.Tensor:
+    def condition(self, sigma: torch.Tensor, captions=None) -> torch.Tensor:
         """Timestep condition. Z-Image's native time runs the other way: t = 1 - sigma (1 = clean image)."""
         return self.t_embedder((1 - sigma) * self.cfg.t_scale)
 
@@ -683,26 +683,26 @@ class SD3MMDiT(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.output_channels)
         self.gradient_checkpointing = False
 
-    def condition(self, sigma: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """adaLN vector (B, dim) from sigma (B,) and the pooled CLIP embedding (B, pooled_projection_dim)."""
+    def condition(self, sigma: torch.Tensor, text, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """adaLN vector (B, dim) from sigma (B,) and the pooled CLIP embedding text.pooled (B, pooled_projection_dim)."""
         if guidance is not None:
             raise ValueError("SD3 has no guidance embedding: guidance is classifier-free, applied by the sampler")
-        return self.time_text_embed(sigma * SD3_TIME_SCALE, pooled)
+        return self.time_text_embed(sigma * SD3_TIME_SCALE, text.pooled)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity `noise - x0` for latents x (B, C, H, W), sigma (B,), context (B, L, joint_attention_dim)."""
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity `noise - x0` for latents x (B, C, H, W), sigma (B,) and text: tokenizer.PooledText, its context
+        (B, L, joint_attention_dim) and pooled (B, pooled_projection_dim)."""
         patch, (H, W) = self.cfg.patch_size, x.shape[-2:]
         if H % patch or W % patch:
             raise ValueError(f"SD3 latents {H}x{W}: height and width must be multiples of the patch size {patch}")
-        c = self.condition(sigma, pooled, guidance)
-        h = self.transform(self.pos_embed(x.to(c.dtype)), (H // patch, W // patch), c, context)
+        c = self.condition(sigma, text, guidance)
+        h = self.transform(self.pos_embed(x.to(c.dtype)), (H // patch, W // patch), c, text)
         return self.VELOCITY_SIGN * unpatchify(final_layer(self.norm_out, self.proj_out, h, c), patch, H, W)
 
-    def transform(self, tokens: torch.Tensor, grid: tuple[int, int], c: torch.Tensor, context: torch.Tensor):
+    def transform(self, tokens: torch.Tensor, grid: tuple[int, int], c: torch.Tensor, text):
         """Embedded image tokens (B, h*w, dim) -> the last block's image tokens (B, h*w, dim)."""
         x = tokens + self.pos_embed.table(grid).to(tokens.dtype)
-        context = self.context_embedder(context.to(tokens.dtype))
+        context = self.context_embedder(text.context.to(tokens.dtype))
         for block in self.transformer_blocks:
             x, context = run_block(block, self.gradient_checkpointing, x, context, c)
         return x
@@ -803,8 +803,8 @@ class FluxDiT(nn.Module):
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * cfg.output_channels)
         self.gradient_checkpointing = False
 
-    def condition(self, sigma: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | float | None = None):
-        """adaLN vector (B, dim) from sigma (B,), the pooled CLIP embedding (B, pooled_projection_dim) and, for
+    def condition(self, sigma: torch.Tensor, text, guidance: torch.Tensor | float | None = None):
+        """adaLN vector (B, dim) from sigma (B,), the pooled CLIP embedding text.pooled (B, pooled_projection_dim) and, for
         guidance-distilled models (dev), the guidance scale. As both references do, time and guidance are rounded
         to the model's dtype before the x1000 (in bfloat16 that quantises them)."""
         dtype = self.x_embedder.weight.dtype
@@ -814,17 +814,17 @@ class FluxDiT(nn.Module):
             raise ValueError("this FLUX model has no guidance embedding (like FLUX.1-schnell): guidance must be None")
         if guidance is not None:
             guidance = torch.as_tensor(guidance, device=sigma.device).expand(sigma.shape).to(dtype) * FLUX_TIME_SCALE
-        return self.time_text_embed(sigma.to(dtype) * FLUX_TIME_SCALE, pooled, guidance)
+        return self.time_text_embed(sigma.to(dtype) * FLUX_TIME_SCALE, text.pooled, guidance)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
-        """Velocity `noise - x0` for latents x (B, C, H, W), sigma (B,), context (B, L, joint_attention_dim)."""
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text, guidance: torch.Tensor | float | None = None):
+        """Velocity `noise - x0` for latents x (B, C, H, W), sigma (B,) and text: tokenizer.PooledText, its context
+        (B, L, joint_attention_dim) and pooled (B, pooled_projection_dim)."""
         H, W = x.shape[-2:]
         if H % FLUX_PACK or W % FLUX_PACK:
             raise ValueError(f"FLUX latents {H}x{W}: height and width must be even (2 x 2 packing)")
-        c = self.condition(sigma, pooled, guidance)
+        c = self.condition(sigma, text, guidance)
         grid = (H // FLUX_PACK, W // FLUX_PACK)
-        h = self.transform(self.x_embedder(pack_latents(x.to(c.dtype))), grid, c, context)
+        h = self.transform(self.x_embedder(pack_latents(x.to(c.dtype))), grid, c, text)
         return self.VELOCITY_SIGN * unpack_latents(final_layer(self.norm_out, self.proj_out, h, c), grid)
 
     def rope(self, grid: tuple[int, int], n_text: int, device) -> torch.Tensor:
@@ -835,9 +835,9 @@ class FluxDiT(nn.Module):
         ids = torch.cat([torch.zeros(n_text, 3, dtype=image.dtype, device=device), image])
         return rope_frequencies(ids[None], self.cfg.axes_dims_rope, FLUX_ROPE_THETA)
 
-    def transform(self, tokens: torch.Tensor, grid: tuple[int, int], c: torch.Tensor, context: torch.Tensor):
+    def transform(self, tokens: torch.Tensor, grid: tuple[int, int], c: torch.Tensor, text):
         """Embedded image tokens (B, h*w, dim) -> the last single block's image tokens (B, h*w, dim)."""
-        context = self.context_embedder(context.to(tokens.dtype))
+        context = self.context_embedder(text.context.to(tokens.dtype))
         n_text, ckpt = context.shape[1], self.gradient_checkpointing
         rope = self.rope(grid, n_text, tokens.device)
         x = tokens

@@ -31,7 +31,6 @@ from PIL.PngImagePlugin import PngInfo
 import hub
 import transfer
 from model import attention_settings
-from tokenizer import encode_prompts
 
 # Recommended inference of a Z-Image-Turbo source (its model card): 8 steps, no guidance.
 SOURCE_STEPS = 8
@@ -129,11 +128,12 @@ def check_size(height: int, width: int, multiple: int, what: str) -> None:
             raise ValueError(f"{name} {v} is not a positive multiple of {multiple} ({what})")
 
 
-def denoise(model, text_encoder, tokenizer, prompts: list[str], x: torch.Tensor, sigmas: torch.Tensor,
-            guidance: float, negative_prompt: str = "", progress: bool = False, **model_kwargs) -> torch.Tensor:
-    """Encode the prompts (and the negative prompt when guiding), then integrate from noise x to data."""
-    cond = encode_prompts(text_encoder, tokenizer, prompts)
-    uncond = encode_prompts(text_encoder, tokenizer, [negative_prompt] * len(prompts)) if guidance != 1 else None
+def denoise(model, text, prompts: list[str], x: torch.Tensor, sigmas: torch.Tensor, guidance: float,
+            negative_prompt: str = "", progress: bool = False, **model_kwargs) -> torch.Tensor:
+    """Encode the prompts with `text` (a source's text side, hub.LatentPipeline.text), and the negative prompt
+    when guiding, then integrate from noise x to data."""
+    cond = text(prompts)
+    uncond = text([negative_prompt] * len(prompts)) if guidance != 1 else None
     x = x.to(next(model.parameters()).device)
     velocity = lambda x, s: guided_velocity(model, x, s, cond, uncond, guidance, **model_kwargs)  # noqa: E731
     return euler_sample(velocity, x, sigmas, progress)
@@ -150,13 +150,13 @@ def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int]
     shape = (dit.cfg.in_channels, height // vae.cfg.downsample, width // vae.cfg.downsample)
     x = initial_noise(seeds, shape) if latents is None else latents
     sigmas = source_sigmas(steps, pipe.scheduler, (shape[1] // patch) * (shape[2] // patch))
-    x = denoise(dit, pipe.text_encoder, pipe.tokenizer, prompts, x, sigmas, guidance, negative_prompt, progress)
+    x = denoise(dit, pipe.text, prompts, x, sigmas, guidance, negative_prompt, progress)
     images = vae.decode(x.to(next(vae.parameters()).dtype)).float()
     return (images / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
-def sample_pixels(model, text_encoder, tokenizer, prompts: list[str], seeds: list[int], height: int, width: int,
+def sample_pixels(model, text, prompts: list[str], seeds: list[int], height: int, width: int,
                   steps: int = PIXEL_STEPS, guidance: float = PIXEL_GUIDANCE, shift: float = PIXEL_SHIFT,
                   negative_prompt: str = "", noise: torch.Tensor | None = None, progress: bool = False,
                   patch: int | None = None) -> torch.Tensor:
@@ -168,7 +168,7 @@ def sample_pixels(model, text_encoder, tokenizer, prompts: list[str], seeds: lis
     check_size(height, width, patch, f"the pixel patch size {patch}")
     x = initial_noise(seeds, (3, height, width)) if noise is None else noise
     sigmas = source_sigmas(steps, {"shift": shift}, (height // patch) * (width // patch))
-    x = denoise(model, text_encoder, tokenizer, prompts, x, sigmas, guidance, negative_prompt, progress, patch=patch)
+    x = denoise(model, text, prompts, x, sigmas, guidance, negative_prompt, progress, patch=patch)
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -238,7 +238,7 @@ class ImageModel:
             return sample_latent(self.pipe, prompts, seeds, height, width, steps, guidance, negative_prompt,
                                  progress=progress)
         chosen = self.settings(height, width, shift, patch)
-        return sample_pixels(self.pixel_model, self.pipe.text_encoder, self.pipe.tokenizer, prompts, seeds, height,
+        return sample_pixels(self.pixel_model, self.pipe.text, prompts, seeds, height,
                              width, steps, guidance, chosen["shift"], negative_prompt, progress=progress,
                              patch=chosen["patch"])
 

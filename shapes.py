@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw
 import hub
 import sample
 from model import ZImageConfig, ZImageDiT
-from tokenizer import AutoencoderKL, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, VAEConfig, encode_prompts
+from tokenizer import (AutoencoderKL, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, VAEConfig, ZImageText,
+                       encode_prompts)
 from tokenizer import train_qwen_style_bpe
 
 NATIVE = 128  # the world's native image side in pixels
@@ -352,7 +353,7 @@ def train_vae(steps: int, batch: int, seed: int, log) -> AutoencoderKL:
 
 
 def evaluate_source(dit, vae, text, tokenizer, specs, steps: int, guidance: float, seed: int = 0) -> dict:
-    pipe = hub.LatentPipeline("toy", None, None, dit, text, tokenizer, vae, {"shift": TOY_SHIFT})
+    pipe = hub.LatentPipeline("toy", None, None, dit, ZImageText(text, tokenizer), vae, {"shift": TOY_SHIFT})
     images = []
     for i in range(0, len(specs), 30):
         chunk = specs[i:i + 30]
@@ -442,9 +443,9 @@ def build_source(args) -> Path:
         from safetensors.torch import load_file
 
         state = load_file(args.out / "text_encoder" / "model.safetensors")
-        save = lambda dit: hub.save_pipeline(args.out, dit, state, TOY_TEXT, pipe.tokenizer.tokenizer,  # noqa: E731
+        save = lambda dit: hub.save_pipeline(args.out, dit, state, TOY_TEXT, pipe.text.tokenizer.tokenizer,  # noqa: E731
                                              pipe.vae, pipe.scheduler)
-        save(train_dit(pipe.vae, pipe.text_encoder, pipe.tokenizer, args.dit_steps, args.dit_batch, args.dataset,
+        save(train_dit(pipe.vae, pipe.text.encoder, pipe.text.tokenizer, args.dit_steps, args.dit_batch, args.dataset,
                        args.seed + 1, log, args.eval_every, save, start=pipe.transformer))
         write_recipe(args.out)
         log(f"wrote {args.out}")

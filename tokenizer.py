@@ -584,11 +584,23 @@ def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+class PooledText(NamedTuple):
+    """SD3 / FLUX conditioning of a batch of prompts: per-token `context` (B, L, joint_attention_dim) and one
+    `pooled` vector per prompt (B, pooled_dim). `+` joins two batches (the sampler's [cond, uncond] batch), as it
+    joins Z-Image's lists of caption features, so samplers and trainers need not know which they hold."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+
+    def __add__(self, other: "PooledText") -> "PooledText":
+        return PooledText(torch.cat([self.context, other.context]), torch.cat([self.pooled, other.pooled]))
+
+
 @torch.no_grad()
 def sd3_conditioning(prompts: list[str], clip_l: CLIPTextEncoder, clip_l_tokenizer: CLIPPromptTokenizer,
                      clip_g: CLIPTextEncoder, clip_g_tokenizer: CLIPPromptTokenizer, t5: T5Encoder | None,
                      t5_tokenizer: T5PromptTokenizer | None, joint_attention_dim: int,
-                     t5_tokens: int = SD3_T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                     t5_tokens: int = SD3_T5_TOKENS) -> PooledText:
     """Prompts -> (context (B, 77 + t5_tokens, joint_attention_dim), pooled (B, proj_l + proj_g)).
 
     Context: CLIP-L and bigG penultimate states side by side (77 x (768 + 1280)), zero-padded on channels to
@@ -607,17 +619,78 @@ def sd3_conditioning(prompts: list[str], clip_l: CLIPTextEncoder, clip_l_tokeniz
     context = torch.cat([F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1])), t5_hidden], dim=1)
     pooled = torch.cat([(out.projected if out.projected is not None else out.pooled).to(device) for out in outputs],
                        dim=-1)
-    return context, pooled
+    return PooledText(context, pooled)
 
 
 @torch.no_grad()
 def flux_conditioning(prompts: list[str], clip_l: CLIPTextEncoder, clip_tokenizer: CLIPPromptTokenizer, t5: T5Encoder,
                       t5_tokenizer: T5PromptTokenizer,
-                      t5_tokens: int = FLUX_DEV_T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                      t5_tokens: int = FLUX_DEV_T5_TOKENS) -> PooledText:
     """Prompts -> (T5 last hidden state (B, t5_tokens, d_model), CLIP-L pooled output without projection (B, 768))."""
     context = t5(t5_tokenizer(prompts, t5_tokens).to(device_of(t5)))
     pooled = clip_l(clip_tokenizer(prompts).to(device_of(clip_l))).pooled
-    return context, pooled.to(context.device)
+    return PooledText(context, pooled.to(context.device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A source's text side behind one call: `text(prompts)` -> the conditioning its backbone's forward takes
+
+
+@dataclass
+class ZImageText:
+    """Qwen3 features of the valid tokens: a list of (L_i, hidden) tensors, one per prompt."""
+
+    encoder: Qwen3TextEncoder
+    tokenizer: PromptTokenizer
+
+    def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
+        return encode_prompts(self.encoder, self.tokenizer, prompts)
+
+
+@dataclass
+class SD3Text:
+    """CLIP-L, OpenCLIP bigG and (optionally) T5, assembled by `sd3_conditioning`."""
+
+    clip_l: CLIPTextEncoder
+    clip_l_tokenizer: CLIPPromptTokenizer
+    clip_g: CLIPTextEncoder
+    clip_g_tokenizer: CLIPPromptTokenizer
+    t5: T5Encoder | None
+    t5_tokenizer: T5PromptTokenizer | None
+    joint_attention_dim: int
+    t5_tokens: int = SD3_T5_TOKENS
+
+    def __call__(self, prompts: list[str]) -> PooledText:
+        return sd3_conditioning(prompts, self.clip_l, self.clip_l_tokenizer, self.clip_g, self.clip_g_tokenizer,
+                                self.t5, self.t5_tokenizer, self.joint_attention_dim, self.t5_tokens)
+
+
+@dataclass
+class FluxText:
+    """T5 context and CLIP-L pooled output, assembled by `flux_conditioning`."""
+
+    clip_l: CLIPTextEncoder
+    clip_tokenizer: CLIPPromptTokenizer
+    t5: T5Encoder
+    t5_tokenizer: T5PromptTokenizer
+    t5_tokens: int = FLUX_DEV_T5_TOKENS
+
+    def __call__(self, prompts: list[str]) -> PooledText:
+        return flux_conditioning(prompts, self.clip_l, self.clip_tokenizer, self.t5, self.t5_tokenizer, self.t5_tokens)
+
+
+def conditioning_parts(conditioning) -> list[dict[str, torch.Tensor]]:
+    """A batch's conditioning as one dict of tensors per prompt: what train.py's feature cache stores."""
+    if isinstance(conditioning, PooledText):
+        return [{"context": c, "pooled": p} for c, p in zip(conditioning.context, conditioning.pooled)]
+    return [{"features": f} for f in conditioning]
+
+
+def conditioning_from_parts(parts: list[dict[str, torch.Tensor]]):
+    """Inverse of `conditioning_parts`."""
+    if "pooled" in parts[0]:
+        return PooledText(torch.stack([p["context"] for p in parts]), torch.stack([p["pooled"] for p in parts]))
+    return [p["features"] for p in parts]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import sample
 import synth
 import transfer
 from model import HEAD_WIDTHS
-from tokenizer import encode_prompts
+from tokenizer import conditioning_from_parts, conditioning_parts
 
 TRAIN_GRID = 500  # the released loss calls set_timesteps(500) and draws one index uniformly
 TRAIN_SHIFT = 3.0
@@ -127,18 +127,20 @@ class TextFeatures:
         key = hashlib.sha256(f"{self.ckpt}\n{prompt}".encode()).hexdigest()[:32]
         return self.cache / f"{key}.safetensors"
 
-    def encode(self, prompts: list[str]) -> list[torch.Tensor]:
+    def encode(self, prompts: list[str]):
         if self.text is None:
-            self.text = hub.load_pipeline(self.ckpt, self.dtype, self.device, parts=("text",))
-        return encode_prompts(self.text.text_encoder, self.text.tokenizer, prompts)
+            self.text = hub.load_pipeline(self.ckpt, self.dtype, self.device, parts=("text",)).text
+        return self.text(prompts)
 
-    def __call__(self, prompts: list[str]) -> list[torch.Tensor]:
+    def __call__(self, prompts: list[str]):
+        """The conditioning the backbone takes (tokenizer.ZImageText / SD3Text / FluxText output)."""
         if not self.cache:
             return self.encode(prompts)
         misses = [p for p in prompts if not self.path(p).is_file()]
-        for prompt, features in zip(misses, self.encode(misses) if misses else []):
-            transfer.atomic_save({"features": features}, self.path(prompt), {"format": "text-features"})
-        return [hub.read_tensors(self.path(p), self.device)["features"].to(self.dtype) for p in prompts]
+        for prompt, part in zip(misses, conditioning_parts(self.encode(misses)) if misses else []):
+            transfer.atomic_save(part, self.path(prompt), {"format": "text-features"})
+        return conditioning_from_parts([{k: t.to(self.dtype) for k, t in hub.read_tensors(self.path(p), self.device).items()}
+                                        for p in prompts])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import hub
 import model
 from fixtures import randomize
+from tokenizer import PooledText
 
 # hub_formats.md 13.3, with sample_size 16 so the stored position table is spaced 8 / 16 (SD3's is 64 / 192)
 SD3_TINY = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=8,
@@ -116,9 +117,9 @@ def test_sd3_matches_diffusers(sd3_dirs, variant, latent_size):
     x, context, pooled = sd3_inputs(ref.config, latent_size)
     with torch.no_grad():
         expected = ref(x, context, pooled, SIGMAS * 1000, return_dict=False)[0]
-        got = ours(x, SIGMAS, context, pooled)
+        got = ours(x, SIGMAS, PooledText(context, pooled))
         with model.attention_settings(query_chunk=16):
-            chunked = ours(x, SIGMAS, context, pooled)
+            chunked = ours(x, SIGMAS, PooledText(context, pooled))
     assert relative_error(got, expected) < 1e-5
     assert relative_error(chunked, expected) < 1e-5
 
@@ -135,9 +136,9 @@ def test_flux_matches_diffusers(flux_dirs, variant, latent_size):
     guidance = flux_guidance(ref.config)
     with torch.no_grad():
         expected = reference_flux(ref, x, SIGMAS, context, pooled, guidance)
-        got = ours(x, SIGMAS, context, pooled, guidance)
+        got = ours(x, SIGMAS, PooledText(context, pooled), guidance)
         with model.attention_settings(query_chunk=16):
-            chunked = ours(x, SIGMAS, context, pooled, guidance)
+            chunked = ours(x, SIGMAS, PooledText(context, pooled), guidance)
     assert relative_error(got, expected) < 1e-5
     assert relative_error(chunked, expected) < 1e-5
 
@@ -164,8 +165,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd3_dirs, flux_dirs):
         for ckpt in (False, True):
             net.gradient_checkpointing = ckpt
             net.zero_grad()
-            x, *conditions = inputs
-            net(x, SIGMAS, *conditions).square().mean().backward()
+            x, context, pooled, *guidance = inputs
+            net(x, SIGMAS, PooledText(context, pooled), *guidance).square().mean().backward()
             grads.append([p.grad.clone() for p in net.parameters()])
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
 
@@ -305,7 +306,7 @@ def test_sd3_original_single_file_equals_folder(tmp_path, sd3_dirs, variant):
     assert same_module(from_file, from_folder)
     x, context, pooled = sd3_inputs(SD3_TINY, LATENT_SIZES[0])
     with torch.no_grad():
-        assert torch.equal(from_file(x, SIGMAS, context, pooled), from_folder(x, SIGMAS, context, pooled))
+        assert torch.equal(from_file(x, SIGMAS, PooledText(context, pooled)), from_folder(x, SIGMAS, PooledText(context, pooled)))
 
 
 def test_flux_original_single_file_equals_folder(tmp_path, flux_dirs):
@@ -319,13 +320,13 @@ def test_flux_original_single_file_equals_folder(tmp_path, flux_dirs):
     from_folder = hub.load_flux_transformer(folder, torch.float32, "cpu")
     x, context, pooled = sd3_inputs(dict(FLUX_TINY, in_channels=4), LATENT_SIZES[0])
     with torch.no_grad():
-        expected = from_folder(x, SIGMAS, context, pooled)
+        expected = from_folder(x, SIGMAS, PooledText(context, pooled))
     for path in (plain, prefixed):
         from_file = hub.load_flux_transformer(path, torch.float32, "cpu")
         assert from_file.cfg == from_folder.cfg
         assert same_module(from_file, from_folder)
         with torch.no_grad():
-            assert torch.equal(from_file(x, SIGMAS, context, pooled), expected)
+            assert torch.equal(from_file(x, SIGMAS, PooledText(context, pooled)), expected)
 
 
 def test_flux_single_file_with_unscalable_rope_axes_needs_a_config(tmp_path, flux_dirs):
@@ -385,15 +386,15 @@ def test_call_errors_say_what_was_expected(sd3_dirs, flux_dirs):
     x, context, pooled = sd3_inputs(SD3_TINY, (8, 10))
     flux_context = torch.zeros(2, TEXT_TOKENS, FLUX_TINY["joint_attention_dim"])
     with pytest.raises(ValueError, match="SD3 latents 8x9: .*multiples of the patch size 2"):
-        sd3(x[..., :9], SIGMAS, context, pooled)
+        sd3(x[..., :9], SIGMAS, PooledText(context, pooled))
     with pytest.raises(ValueError, match="SD3 has no guidance embedding"):
-        sd3(x, SIGMAS, context, pooled, torch.tensor([3.0, 3.0]))
+        sd3(x, SIGMAS, PooledText(context, pooled), torch.tensor([3.0, 3.0]))
     with pytest.raises(ValueError, match="FLUX latents 8x9: height and width must be even"):
-        schnell(x[:, :4, :, :9], SIGMAS, flux_context, pooled)
+        schnell(x[:, :4, :, :9], SIGMAS, PooledText(flux_context, pooled))
     with pytest.raises(ValueError, match="guidance-distilled .*pass guidance"):
-        dev(x[:, :4], SIGMAS, flux_context, pooled)
+        dev(x[:, :4], SIGMAS, PooledText(flux_context, pooled))
     with pytest.raises(ValueError, match="no guidance embedding .*guidance must be None"):
-        schnell(x[:, :4], SIGMAS, flux_context, pooled, 3.5)
+        schnell(x[:, :4], SIGMAS, PooledText(flux_context, pooled), 3.5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -418,7 +419,7 @@ def test_sd3_position_table_within_and_beyond_its_grid(sd3_dirs):
     assert (extended[2:2 + P, 2:2 + P] - stored).abs().max() < 2**-8  # the fixture's table went through bf16
     x, context, pooled = sd3_inputs(SD3_TINY, (grid[0] * patch, grid[1] * patch))
     with torch.no_grad():
-        out = ours(x, SIGMAS, context, pooled)
+        out = ours(x, SIGMAS, PooledText(context, pooled))
         with pytest.raises(ValueError, match="cannot be greater than `pos_embed_max_size`"):
             ref(x, context, pooled, SIGMAS * 1000)
     assert out.shape == x.shape and torch.isfinite(out).all()

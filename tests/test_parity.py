@@ -126,6 +126,6 @@ def test_whole_image_matches_zimage_pipeline(pipeline_dir):
 
 def test_encode_prompts_returns_valid_tokens_only(pipeline_dir):
     pipe = hub.load_pipeline(str(pipeline_dir), parts=("transformer", "text"))
-    features = encode_prompts(pipe.text_encoder, pipe.tokenizer, PROMPTS)
-    ids, mask = pipe.tokenizer(PROMPTS)
+    features = encode_prompts(pipe.text.encoder, pipe.text.tokenizer, PROMPTS)
+    ids, mask = pipe.text.tokenizer(PROMPTS)
     assert [len(f) for f in features] == mask.sum(1).tolist()

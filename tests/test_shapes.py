@@ -99,5 +99,5 @@ def test_build_source_saves_a_loadable_source_and_resumes_from_it(tmp_path):
     dit_before, dit_after = before.transformer.state_dict(), after.transformer.state_dict()
     assert any(not torch.equal(dit_before[k], dit_after[k]) for k in dit_before)
     assert all(torch.equal(v, after.vae.state_dict()[k]) for k, v in before.vae.state_dict().items())
-    ids_before, ids_after = before.tokenizer(["a red circle"])[0], after.tokenizer(["a red circle"])[0]
+    ids_before, ids_after = before.text.tokenizer(["a red circle"])[0], after.text.tokenizer(["a red circle"])[0]
     assert torch.equal(ids_before, ids_after)
