@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,10 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from model import FLUX_RELEASED_AXES, FluxConfig, FluxDiT, SD3Config, SD3MMDiT, ZImageConfig, ZImageDiT
-from tokenizer import (QWEN3_CHAT_TEMPLATE, AutoencoderKL, CLIPPromptTokenizer, CLIPTextConfig, CLIPTextEncoder,
-                       FluxText, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, SD3Text, T5Config, T5Encoder,
-                       T5PromptTokenizer, VAEConfig, ZImageText)
+from model import FLUX_PACK, FLUX_RELEASED_AXES, FluxConfig, FluxDiT, SD3Config, SD3MMDiT, ZImageConfig, ZImageDiT
+from tokenizer import (FLUX_DEV_T5_TOKENS, FLUX_SCHNELL_T5_TOKENS, QWEN3_CHAT_TEMPLATE, AutoencoderKL,
+                       CLIPPromptTokenizer, CLIPTextConfig, CLIPTextEncoder, FluxText, PromptTokenizer, Qwen3Config,
+                       Qwen3TextEncoder, SD3Text, T5Config, T5Encoder, T5PromptTokenizer, VAEConfig, ZImageText)
 
 
 class CheckpointError(ValueError):
@@ -39,8 +39,9 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 HUB_FILE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[\w./-]+\.safetensors)$")  # owner/name/file.safetensors
 # The weights of one component: the diffusers name, then the transformers name.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-# What each part of a pipeline needs from a repository: configs, non-variant safetensors, the tokenizer.
-PART_FOLDERS = {"transformer": ("transformer",), "text": ("text_encoder", "tokenizer"), "vae": ("vae",)}
+# What each part of a pipeline needs from a repository: configs, non-variant safetensors, the tokenizers. The text
+# part matches every numbered text component: Z-Image's one, FLUX's two (CLIP-L, T5), SD3's three (CLIP-L, bigG, T5).
+PART_FOLDERS = {"transformer": ("transformer",), "text": ("text_encoder*", "tokenizer*"), "vae": ("vae",)}
 ALL_PARTS = tuple(PART_FOLDERS)
 VARIANT_PATTERNS = ("*.fp16.*", "*.fp16-*", "*.bf16.*", "*.bf16-*")
 KEYS_SHOWN = 5
@@ -53,7 +54,8 @@ HASH_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l
 
 
 def pipeline_patterns(parts=ALL_PARTS) -> list[str]:
-    patterns = ["model_index.json", "scheduler/scheduler_config.json"]
+    # transformer/config.json always: SD3's and FLUX's text sides depend on it (see load_text)
+    patterns = ["model_index.json", "scheduler/scheduler_config.json", "transformer/config.json"]
     for part in parts:
         patterns += [f"{folder}/*" for folder in PART_FOLDERS[part]]
     return patterns
@@ -665,6 +667,20 @@ def hub_config(folder: Path, class_name: str) -> dict:
     return config
 
 
+TRANSFORMER_CONFIGS = {"ZImageTransformer2DModel": ZImageConfig, "SD3Transformer2DModel": SD3Config,
+                       "FluxTransformer2DModel": FluxConfig}
+
+
+def transformer_config(folder: Path) -> ZImageConfig | SD3Config | FluxConfig:
+    """A diffusers transformer folder's config, by its _class_name; no weights are read."""
+    config = read_json(folder / "config.json")
+    name = config.get("_class_name")
+    if name not in TRANSFORMER_CONFIGS:
+        raise CheckpointError(f"{folder}/config.json: _class_name {name!r} is not a supported transformer "
+                              f"(supported: {', '.join(TRANSFORMER_CONFIGS)})")
+    return TRANSFORMER_CONFIGS[name].from_dict(config)
+
+
 def load_sd3_transformer(location: Path, dtype: torch.dtype, device, config: dict | None = None) -> SD3MMDiT:
     """A diffusers SD3Transformer2DModel folder (config.json + safetensors, sharded or not), or a single file: SAI's
     sd3*.safetensors (`model.diffusion_model.` keys; the VAE and text encoders beside them are not read) or a
@@ -699,7 +715,45 @@ def load_flux_transformer(location: Path, dtype: torch.dtype, device, config: di
 # ----------------------------------------------------------------------------------------------------
 # Pipelines
 
-SUPPORTED_PIPELINES = ("ZImagePipeline",)
+class PipelineFormat(NamedTuple):
+    """What a pipeline class (model_index.json `_class_name`) holds, as this project reads it."""
+
+    transformer_class: str  # transformer/config.json _class_name
+    load_transformer: Callable  # (location, dtype, device) -> the backbone
+    text_components: tuple[tuple[str, str], ...]  # (encoder folder, tokenizer folder) pairs the text side reads
+
+
+PIPELINE_FORMATS = {  # hub_formats.md 2.1, 3.1, 9
+    "ZImagePipeline": PipelineFormat("ZImageTransformer2DModel", load_zimage_transformer,
+                                     (("text_encoder", "tokenizer"),)),
+    "StableDiffusion3Pipeline": PipelineFormat("SD3Transformer2DModel", load_sd3_transformer, (
+        ("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))),
+    "FluxPipeline": PipelineFormat("FluxTransformer2DModel", load_flux_transformer,
+                                   (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))),
+}
+SUPPORTED_PIPELINES = tuple(PIPELINE_FORMATS)
+# SD3 runs without T5 (StableDiffusion3Pipeline puts zeros in its place); model_index.json then says [null, null]
+OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3")
+# Latent pixels per image token side of every released transformer (Z-Image and SD3 patch 2, FLUX packs 2 x 2):
+# what a single-file transformer, which stores no config, is taken to have
+RELEASED_LATENT_PATCH = 2
+
+
+def latent_layout(cfg: ZImageConfig | SD3Config | FluxConfig) -> tuple[int, int]:
+    """(latent channels, latent pixels per image token side) of a backbone config. Z-Image and SD3 patchify the
+    (B, 16, H, W) latents inside the model (all_patch_size / patch_size 2); FLUX takes them packed 2 x 2 into
+    in_channels = 16 x 4 and embeds each packed pixel as one token (patch_size 1)."""
+    if isinstance(cfg, FluxConfig):
+        return cfg.in_channels // FLUX_PACK**2, FLUX_PACK * cfg.patch_size
+    if isinstance(cfg, SD3Config):
+        return cfg.in_channels, cfg.patch_size
+    return cfg.in_channels, cfg.all_patch_size[0]
+
+
+def pipeline_transformer_config(folder: Path, pipeline_class: str) -> ZImageConfig | SD3Config | FluxConfig:
+    """A transformer folder's config, checked to be of the class `pipeline_class` holds; no weights are read."""
+    name = PIPELINE_FORMATS[pipeline_class].transformer_class
+    return TRANSFORMER_CONFIGS[name].from_dict(hub_config(folder, name))
 
 
 @dataclass
@@ -745,35 +799,86 @@ def read_pipeline_index(root: Path) -> dict:
 
 
 def latent_pixel_multiple(root: Path, transformer: str | None = None) -> int:
-    """Pixels per latent token (VAE downsampling x transformer patch), read from configs only."""
+    """Pixels per image token side (VAE downsampling x latent pixels per token), read from configs only."""
+    pipeline_class = read_pipeline_index(root)["_class_name"]
     vae = VAEConfig.from_dict(read_json(root / "vae" / "config.json"))
     folder = Path(transformer).expanduser() if transformer else root / "transformer"
-    patch = ZImageConfig.from_dict(read_json(folder / "config.json")).all_patch_size[0] if folder.is_dir() else ZIMAGE_LATENT_PATCH
+    patch = latent_layout(pipeline_transformer_config(folder, pipeline_class))[1] if folder.is_dir() \
+        else RELEASED_LATENT_PATCH
     return vae.downsample * patch
+
+
+def text_folders(root: Path, index: dict) -> list[tuple[Path, Path] | None]:
+    """(encoder, tokenizer) folders of the pipeline's text components; None for an optional one left out."""
+    folders = []
+    for encoder, tokenizer in PIPELINE_FORMATS[index["_class_name"]].text_components:
+        absent = [name for name in (encoder, tokenizer) if name in OPTIONAL_COMPONENTS
+                  and index.get(name, [None])[0] is None]
+        if len(absent) == 1:
+            raise CheckpointError(f"{root}/model_index.json: {absent[0]} is null but its partner is not "
+                                  f"(expected both {encoder} and {tokenizer}, or neither)")
+        folders.append(None if absent else (root / encoder, root / tokenizer))
+    return folders
+
+
+def load_text(pipeline_class: str, folders: list[tuple[Path, Path] | None], cfg, dtype: torch.dtype,
+              device) -> ZImageText | SD3Text | FluxText:
+    """The text side of a pipeline from its text_folders. `cfg` is the pipeline's own transformer config: SD3 takes
+    the width of the zeros that replace a missing T5 from it, FLUX the T5 length. Tokenizers are read first, so
+    a missing tokenizer file fails before any encoder weight is read."""
+    if pipeline_class == "ZImagePipeline":
+        (encoder, tokenizer), = folders
+        tokenizer = load_tokenizer(tokenizer)
+        return ZImageText(load_qwen3(encoder, dtype, device), tokenizer)
+    if pipeline_class == "StableDiffusion3Pipeline":
+        (clip_l, clip_l_tokenizer), (clip_g, clip_g_tokenizer), t5 = folders
+        clip_l_tokenizer = load_clip_tokenizer(clip_l_tokenizer)
+        clip_g_tokenizer = load_clip_tokenizer(clip_g_tokenizer)
+        t5_tokenizer = None if t5 is None else load_t5_tokenizer(t5[1])
+        return SD3Text(load_clip(clip_l, dtype, device), clip_l_tokenizer, load_clip(clip_g, dtype, device),
+                       clip_g_tokenizer, None if t5 is None else load_t5(t5[0], dtype, device), t5_tokenizer,
+                       cfg.joint_attention_dim)
+    (clip_l, clip_tokenizer), (t5, t5_tokenizer) = folders
+    clip_tokenizer, t5_tokenizer = load_clip_tokenizer(clip_tokenizer), load_t5_tokenizer(t5_tokenizer)
+    # BFL encodes T5 to 512 tokens for the guidance-distilled dev and to 256 for schnell (flux/cli.py); diffusers'
+    # FluxPipeline defaults to 512 for both, and its docs say schnell takes at most 256
+    t5_tokens = FLUX_DEV_T5_TOKENS if cfg.guidance_embeds else FLUX_SCHNELL_T5_TOKENS
+    return FluxText(load_clip(clip_l, dtype, device), clip_tokenizer, load_t5(t5, dtype, device), t5_tokenizer,
+                    t5_tokens)
 
 
 def load_pipeline(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *, parts=ALL_PARTS,
                   transformer: str | None = None) -> LatentPipeline:
-    """The `parts` of a Z-Image pipeline ("transformer", "text", "vae") from a hub id or a diffusers folder;
-    only their files are downloaded. `transformer` may replace the pipeline's transformer with another folder
-    or single file (an original-layout checkpoint, say). Configs and safetensors headers of every part are
-    checked before any weight is read; the transformer's weight hash is always computed (provenance)."""
+    """The `parts` ("transformer", "text", "vae") of a Z-Image, SD3 / SD3.5 or FLUX.1 pipeline from a hub id or a
+    diffusers folder, by model_index.json's _class_name; only their files are downloaded. `transformer` may
+    replace the pipeline's transformer with another folder or single file (an original-layout checkpoint, say).
+    Configs and safetensors headers of every part are checked before any weight is read; the transformer's
+    weight hash is always computed (provenance)."""
     root = resolve(ckpt, pipeline_patterns(parts))
-    read_pipeline_index(root)
+    index = read_pipeline_index(root)
+    pipeline_class = index["_class_name"]
     transformer_path = Path(transformer).expanduser() if transformer else root / "transformer"
-    weights = {"transformer": transformer_path, "text": root / "text_encoder", "vae": root / "vae"}
+    texts = text_folders(root, index)
+    weights = {"transformer": [transformer_path], "text": [f[0] for f in texts if f is not None], "vae": [root / "vae"]}
     for part in parts:
-        if weights[part].is_dir():
-            read_json(weights[part] / "config.json")
-        open_safetensors(weights[part])
+        for location in weights[part]:
+            if location.is_dir():
+                read_json(location / "config.json")
+            open_safetensors(location)
+    if "transformer" in parts and transformer_path.is_dir():
+        pipeline_transformer_config(transformer_path, pipeline_class)
     scheduler = read_json(root / "scheduler" / "scheduler_config.json")
-    text = ZImageText(load_qwen3(root / "text_encoder", dtype, device), load_tokenizer(root / "tokenizer")) \
-        if "text" in parts else None
+    text = None
+    if "text" in parts:
+        own = None if pipeline_class == "ZImagePipeline" else pipeline_transformer_config(root / "transformer",
+                                                                                           pipeline_class)
+        text = load_text(pipeline_class, texts, own, dtype, device)
+    load_transformer = PIPELINE_FORMATS[pipeline_class].load_transformer
     return LatentPipeline(
         name=ckpt,
         revision=revision_of(root),
         transformer_sha256=weights_sha256(transformer_path) if "transformer" in parts else None,
-        transformer=load_zimage_transformer(transformer_path, dtype, device) if "transformer" in parts else None,
+        transformer=load_transformer(transformer_path, dtype, device) if "transformer" in parts else None,
         text=text,
         vae=load_vae(root / "vae", dtype, device) if "vae" in parts else None,
         scheduler=scheduler,

@@ -941,22 +941,44 @@ class DetailerHead(nn.Module):
         return self.out_conv(x)
 
 
+RGB_CHANNELS = 3
+BACKBONES = {"zimage": (ZImageConfig, ZImageDiT), "sd3": (SD3Config, SD3MMDiT), "flux": (FluxConfig, FluxDiT)}
+# The latent-space pieces of SD3 and FLUX that a pixel model drops (paper 3.3): the latent patch embedder and
+# the per-patch final layer. Z-Image's are dropped through its own config (all_patch_size, final_layer).
+LATENT_EMBEDDERS = {"sd3": ("pos_embed", "proj"), "flux": (None, "x_embedder")}
+FINAL_LAYERS = ("norm_out", "proj_out")
+
+
+def backbone_family(cfg) -> str:
+    """"zimage", "sd3" or "flux" for a backbone config."""
+    return next(name for name, (config_class, _) in BACKBONES.items() if isinstance(cfg, config_class))
+
+
 @dataclass(frozen=True)
 class PixelConfig:
-    """The pixel model: a source backbone config with RGB patch embedders instead of latent ones, no final
-    layer, and the Detailer Head's widths."""
+    """The pixel model: a source backbone config, the RGB patch sizes it has embedders for, and the Detailer
+    Head's widths. A Z-Image backbone config is rewritten for pixels (in_channels 3, all_patch_size = patches, no
+    final layer: the official release's layout); SD3 and FLUX configs stay the source's, and PixelDiT swaps their
+    latent embedder and final layer for RGB embedders and the head."""
 
-    backbone: ZImageConfig
+    backbone: ZImageConfig | SD3Config | FluxConfig
     head_widths: tuple[int, ...] = HEAD_WIDTHS
     output: str = "detailer"  # "linear": the ablation with a per-patch final layer (backbone.final_layer) instead
+    patches: tuple[int, ...] = (16,)
+
+    @property
+    def family(self) -> str:
+        return backbone_family(self.backbone)
 
     @classmethod
     def from_dict(cls, d: dict) -> "PixelConfig":
-        return cls(ZImageConfig.from_dict(d["backbone"]), tuple(d.get("head_widths", HEAD_WIDTHS)),
-                   d.get("output", "detailer"))
+        backbone = BACKBONES[d.get("family", "zimage")][0].from_dict(d["backbone"])  # files before SD3/FLUX: Z-Image
+        patches = d.get("patches") or backbone.all_patch_size
+        return cls(backbone, tuple(d.get("head_widths", HEAD_WIDTHS)), d.get("output", "detailer"), tuple(patches))
 
     def to_dict(self) -> dict:
-        return {"backbone": self.backbone.to_dict(), "head_widths": list(self.head_widths), "output": self.output}
+        return {"family": self.family, "backbone": self.backbone.to_dict(), "head_widths": list(self.head_widths),
+                "output": self.output, "patches": list(self.patches)}
 
 
 class PixelDiT(nn.Module):
@@ -964,16 +986,32 @@ class PixelDiT(nn.Module):
 
     It keeps the source's native time and output sign (paper: the frozen blocks stay in their native
     optimisation manifold), so `forward` speaks the project convention exactly as the backbone does.
+    RGB patch embedders live at `backbone.all_x_embedder.{P}-1` for every family (the release's names).
     """
 
     def __init__(self, cfg: PixelConfig):
         super().__init__()
         self.cfg = cfg
-        if (cfg.output == "linear") != cfg.backbone.final_layer:
-            raise ValueError("pixel config: a linear output uses the backbone's final layer, the head does not")
-        self.backbone = ZImageDiT(cfg.backbone)
+        family = cfg.family
+        if family == "zimage":
+            if (cfg.output == "linear") != cfg.backbone.final_layer:
+                raise ValueError("pixel config: a linear output uses the backbone's final layer, the head does not")
+            if cfg.backbone.all_patch_size != cfg.patches:
+                raise ValueError(f"pixel config: patches {cfg.patches} differ from the backbone's "
+                                 f"all_patch_size {cfg.backbone.all_patch_size}")
+            self.backbone = ZImageDiT(cfg.backbone)
+        else:
+            if cfg.output != "detailer":
+                raise ValueError(f"pixel config: the linear-output ablation is built for Z-Image only, not {family}")
+            self.backbone = BACKBONES[family][1](cfg.backbone)
+            parent, name = LATENT_EMBEDDERS[family]
+            delattr(getattr(self.backbone, parent) if parent else self.backbone, name)
+            for name in FINAL_LAYERS:
+                delattr(self.backbone, name)
+            self.backbone.all_x_embedder = nn.ModuleDict(
+                {f"{p}-1": nn.Linear(p * p * RGB_CHANNELS, cfg.backbone.dim) for p in cfg.patches})
         if cfg.output == "detailer":
-            self.detailer_head = DetailerHead(cfg.backbone.in_channels, cfg.backbone.dim, cfg.head_widths)
+            self.detailer_head = DetailerHead(RGB_CHANNELS, cfg.backbone.dim, cfg.head_widths)
         self.head_tile: int | None = None  # sample.py / train.py set it to bound full-resolution memory
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -981,14 +1019,17 @@ class PixelDiT(nn.Module):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = enabled
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: list[torch.Tensor], patch: int | None = None):
-        """Velocity `noise - x0` for images x (B, 3, H, W) in [-1, 1], sigma (B,), captions [(L_i, cap_dim)]."""
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, text, patch: int | None = None,
+                guidance: torch.Tensor | float | None = None):
+        """Velocity `noise - x0` for images x (B, 3, H, W) in [-1, 1], sigma (B,) and the source's text
+        conditioning (Z-Image: [(L_i, cap_dim)]; SD3 / FLUX: tokenizer.PooledText). guidance: FLUX-dev's
+        embedded guidance scale, as the source takes it."""
         if self.cfg.output == "linear":
-            return self.backbone(x, sigma, captions, patch)
-        patch = patch or self.cfg.backbone.all_patch_size[0]
+            return self.backbone(x, sigma, text, patch)
+        patch = patch or self.cfg.patches[0]
         grid = (x.shape[2] // patch, x.shape[3] // patch)
-        c = self.backbone.condition(sigma)
+        c = self.backbone.condition(sigma, text) if guidance is None else self.backbone.condition(sigma, text, guidance)
         tokens = self.backbone.all_x_embedder[f"{patch}-1"](patchify(x.to(c.dtype), patch))
-        h = self.backbone.transform(tokens, grid, c, captions)
+        h = self.backbone.transform(tokens, grid, c, text)
         features = h.unflatten(1, grid).permute(0, 3, 1, 2)  # (B, h*w, dim) -> (B, dim, h, w)
         return self.backbone.VELOCITY_SIGN * self.detailer_head(x.to(c.dtype), features, self.head_tile)

@@ -30,11 +30,26 @@ from PIL.PngImagePlugin import PngInfo
 
 import hub
 import transfer
-from model import attention_settings
+from model import attention_settings, backbone_family
 
 # Recommended inference of a Z-Image-Turbo source (its model card): 8 steps, no guidance.
 SOURCE_STEPS = 8
 SOURCE_GUIDANCE = 1.0
+# A latent source's sampling defaults when it has no recipe card, by family (`source_family`). guidance is ours:
+# classifier-free with 1 = off, except FLUX-dev's, which is the scale its guidance embedding takes (no CFG batch).
+SOURCE_DEFAULTS = {
+    "zimage": {"steps": SOURCE_STEPS, "guidance": SOURCE_GUIDANCE},
+    # SD3.5-Medium's model card (40 steps, guidance_scale 4.5; SAI's sd3_infer.py: 40-50 steps, CFG 4.5-5). Other
+    # cards: SD3-Medium 28 / 7.0 (= StableDiffusion3Pipeline's defaults), SD3.5-Large 28 / 3.5, Large-Turbo 4 / off
+    # (give those a recipe card, or --steps / --guidance)
+    "sd3": {"steps": 40, "guidance": 4.5},
+    # FLUX.1-schnell's model card and diffusers' FluxPipeline example: 4 steps, guidance_scale 0 (ignored: no
+    # guidance embedding, no CFG)
+    "flux-schnell": {"steps": 4, "guidance": 1.0},
+    # FLUX.1-dev's model card: 50 steps, guidance_scale 3.5 (FluxPipeline's defaults: 28 steps, 3.5)
+    "flux-dev": {"steps": 50, "guidance": 3.5},
+}
+TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler's num_train_timesteps default
 # The released L2P inference defaults (inference.py / app.py): 30 Euler steps, CFG 2.0, shift 3.
 PIXEL_STEPS = 30
 PIXEL_GUIDANCE = 2.0
@@ -67,20 +82,31 @@ def resolution_mu(image_seq_len: int, scheduler: dict) -> float:
     return image_seq_len * slope + base_shift - slope * base_len
 
 
-def source_sigmas(steps: int, scheduler: dict, image_seq_len: int) -> torch.Tensor:
-    """(steps + 1,) sigmas exactly as ZImagePipeline + FlowMatchEulerDiscreteScheduler.set_timesteps compute
-    them: linspace(1, 1/steps, steps), shifted by `shift` or, with dynamic shifting, by exp(mu); then 0."""
+def source_sigmas(steps: int, scheduler: dict, image_seq_len: int, from_training_table: bool = False) -> torch.Tensor:
+    """(steps + 1,) sigmas exactly as a pipeline + FlowMatchEulerDiscreteScheduler.set_timesteps compute them.
+
+    ZImagePipeline and FluxPipeline pass sigmas = linspace(1, 1/steps, steps). StableDiffusion3Pipeline passes
+    none (`from_training_table`): set_timesteps then spaces `steps` sigmas evenly from the first to the last sigma
+    of the scheduler's training table (1/1000 .. 1, already shifted unless the shift is dynamic), so the last one
+    is shifted twice (hub_formats.md 11: shift 3, 4 steps -> ..., 0.008929). Then each is shifted by `shift` or,
+    with dynamic shifting, by exp(mu) of the image token count; a final 0 is appended."""
     used = [k for k in UNSUPPORTED_SCHEDULER_OPTIONS if scheduler.get(k)]
     if used:
         raise ValueError(f"scheduler_config.json: options {used} are not supported by this sampler")
-    sigmas = torch.linspace(1.0, 1.0 / steps, steps)
-    if scheduler.get("use_dynamic_shifting"):
+    dynamic, shift = scheduler.get("use_dynamic_shifting"), scheduler.get("shift", 1.0)
+    if from_training_table:
+        last = torch.tensor(1 / scheduler.get("num_train_timesteps", TRAIN_TIMESTEPS))  # float32, as the table
+        last = last if dynamic else shift_sigmas(last, shift)
+        sigmas = torch.linspace(1.0, float(last), steps, dtype=torch.float64)  # numpy's float64 linspace
+    else:
+        sigmas = torch.linspace(1.0, 1.0 / steps, steps)
+    if dynamic:
         mu = resolution_mu(image_seq_len, scheduler)
         scale = math.exp(mu) if scheduler.get("time_shift_type", "exponential") == "exponential" else mu
         sigmas = scale / (scale + (1 / sigmas - 1))
     else:
-        sigmas = shift_sigmas(sigmas, scheduler.get("shift", 1.0))
-    return torch.cat([sigmas, torch.zeros(1)])
+        sigmas = shift_sigmas(sigmas, shift)
+    return torch.cat([sigmas.float(), torch.zeros(1)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,11 +118,13 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, guidance: float,
+def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, guidance: float, /,
                     **model_kwargs) -> torch.Tensor:
     """v = v_uncond + guidance * (v_cond - v_uncond), both halves in one batch; guidance 1 runs cond only.
+    model_kwargs go to the model (positional-only parameters above, so FLUX-dev's `guidance` input can be one).
 
-    This is the convention of the L2P code (cfg 2.0). diffusers' ZImagePipeline writes pos + g (pos - neg),
+    This is the convention of the L2P code (cfg 2.0) and of diffusers' StableDiffusion3Pipeline, whose
+    guidance_scale is our guidance (it guides only above 1). diffusers' ZImagePipeline writes pos + g (pos - neg),
     so its guidance_scale g is our guidance 1 + g.
     """
     dtype = next(model.parameters()).dtype
@@ -129,9 +157,13 @@ def check_size(height: int, width: int, multiple: int, what: str) -> None:
 
 
 def denoise(model, text, prompts: list[str], x: torch.Tensor, sigmas: torch.Tensor, guidance: float,
-            negative_prompt: str = "", progress: bool = False, **model_kwargs) -> torch.Tensor:
+            negative_prompt: str = "", progress: bool = False, embedded_guidance: float | None = None,
+            **model_kwargs) -> torch.Tensor:
     """Encode the prompts with `text` (a source's text side, hub.LatentPipeline.text), and the negative prompt
-    when guiding, then integrate from noise x to data."""
+    when guiding, then integrate from noise x to data. `embedded_guidance`: a guidance-distilled model's scale
+    (FLUX-dev), given to the model as its `guidance` input; pass guidance 1 with it (no CFG batch)."""
+    if embedded_guidance is not None:
+        model_kwargs["guidance"] = embedded_guidance
     cond = text(prompts)
     uncond = text([negative_prompt] * len(prompts)) if guidance != 1 else None
     x = x.to(next(model.parameters()).device)
@@ -139,18 +171,42 @@ def denoise(model, text, prompts: list[str], x: torch.Tensor, sigmas: torch.Tens
     return euler_sample(velocity, x, sigmas, progress)
 
 
+def source_family(cfg) -> str:
+    """The SOURCE_DEFAULTS key of a latent backbone config: "zimage", "sd3", "flux-schnell" or "flux-dev"."""
+    family = backbone_family(cfg)
+    if family == "flux":
+        return "flux-dev" if cfg.guidance_embeds else "flux-schnell"
+    return family
+
+
+def source_defaults(cfg) -> dict:
+    """steps and guidance a latent source samples with when its recipe card names none."""
+    return dict(SOURCE_DEFAULTS[source_family(cfg)])
+
+
 @torch.no_grad()
 def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int], height: int, width: int,
                   steps: int = SOURCE_STEPS, guidance: float = SOURCE_GUIDANCE, negative_prompt: str = "",
                   latents: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] from a latent source: encode text, Euler in latent space, VAE decode."""
+    """Images (B, 3, H, W) in [0, 1] from a latent source: encode text, Euler in latent space, VAE decode.
+
+    Each family as its diffusers pipeline samples it: the schedule (SD3's from the training table, see
+    source_sigmas), classifier-free guidance for Z-Image and SD3 (and FLUX-schnell, as FluxPipeline's
+    true_cfg_scale with an empty negative prompt), and for FLUX-dev `guidance` into its guidance embedding
+    instead. latents: (B, 16, H/8, W/8) for every family (FLUX packs them inside its forward)."""
     vae, dit = pipe.vae, pipe.transformer
-    patch = dit.cfg.all_patch_size[0]
-    check_size(height, width, vae.cfg.downsample * patch, f"VAE factor {vae.cfg.downsample} x patch {patch}")
-    shape = (dit.cfg.in_channels, height // vae.cfg.downsample, width // vae.cfg.downsample)
+    channels, patch = hub.latent_layout(dit.cfg)
+    check_size(height, width, vae.cfg.downsample * patch, f"VAE factor {vae.cfg.downsample} x {patch} latent "
+                                                          "pixels per token")
+    shape = (channels, height // vae.cfg.downsample, width // vae.cfg.downsample)
     x = initial_noise(seeds, shape) if latents is None else latents
-    sigmas = source_sigmas(steps, pipe.scheduler, (shape[1] // patch) * (shape[2] // patch))
-    x = denoise(dit, pipe.text, prompts, x, sigmas, guidance, negative_prompt, progress)
+    family = source_family(dit.cfg)
+    sigmas = source_sigmas(steps, pipe.scheduler, (shape[1] // patch) * (shape[2] // patch),
+                           from_training_table=family == "sd3")
+    if family == "flux-dev":
+        x = denoise(dit, pipe.text, prompts, x, sigmas, 1.0, negative_prompt, progress, embedded_guidance=guidance)
+    else:
+        x = denoise(dit, pipe.text, prompts, x, sigmas, guidance, negative_prompt, progress)
     images = vae.decode(x.to(next(vae.parameters()).dtype)).float()
     return (images / 2 + 0.5).clamp(0, 1)
 
@@ -164,7 +220,7 @@ def sample_pixels(model, text, prompts: list[str], seeds: list[int], height: int
 
     Schedule of the released sampler: sigmas = shift(linspace(1, 1/steps, steps)) then 0, shift 3 at 1K.
     """
-    patch = patch or model.cfg.backbone.all_patch_size[0]
+    patch = patch or model.cfg.patches[0]
     check_size(height, width, patch, f"the pixel patch size {patch}")
     x = initial_noise(seeds, (3, height, width)) if noise is None else noise
     sigmas = source_sigmas(steps, {"shift": shift}, (height // patch) * (width // patch))
@@ -210,7 +266,7 @@ class ImageModel:
         For a pixel model `shift` is the base shift at the native size (see high_resolution_shift)."""
         key = "sample" if self.kind == "pixel" else "synth"
         built_in = ({"steps": PIXEL_STEPS, "guidance": PIXEL_GUIDANCE, "shift": PIXEL_SHIFT} if self.kind == "pixel"
-                    else {"steps": SOURCE_STEPS, "guidance": SOURCE_GUIDANCE, "shift": None})
+                    else source_defaults(self.pipe.transformer.cfg) | {"shift": None})
         height, width = self.card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
         return built_in | {k: v for k, v in self.card.get(key, {}).items() if k in built_in} | {"height": height,
                                                                                                  "width": width}
@@ -223,8 +279,8 @@ class ImageModel:
         """The patch and shift a pixel model samples (height, width) with: given, else chosen for the size."""
         if self.kind == "latent":
             return {"patch": None, "shift": None}
-        patch = patch or choose_patch(self.pixel_model.cfg.backbone.all_patch_size, height, width, self.native)
-        if patch not in self.pixel_model.cfg.backbone.all_patch_size:
+        patch = patch or choose_patch(self.pixel_model.cfg.patches, height, width, self.native)
+        if patch not in self.pixel_model.cfg.patches:
             print(f"patch {patch}: no trained embedder, derived from the 16-px one (area-downsampled pixels)",
                   file=sys.stderr)
             self.pixel_model = transfer.add_patch_sizes(self.pixel_model, (patch,)).eval()
@@ -409,6 +465,11 @@ def read_prompt_file(path: Path) -> list[str]:
     return lines
 
 
+def defaults_help(key: str) -> str:
+    """"zimage 8, sd3 40, ...": a SOURCE_DEFAULTS setting per family, for --help."""
+    return ", ".join(f"{family} {values[key]:g}" for family, values in SOURCE_DEFAULTS.items())
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=str(DEFAULT_RUN),
@@ -423,9 +484,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--h", type=int, help=f"image height (default: the source's recipe card, else {DEFAULT_SIZE})")
     p.add_argument("--w", type=int, help=f"image width (default: the source's recipe card, else {DEFAULT_SIZE})")
     p.add_argument("--steps", type=int, help=f"Euler steps (default: recipe card, else {PIXEL_STEPS} for L2P, "
-                                             f"{SOURCE_STEPS} for a source)")
-    p.add_argument("--guidance", type=float, help=f"classifier-free guidance, 1 = off (default: recipe card, else "
-                                                  f"{PIXEL_GUIDANCE} for L2P, {SOURCE_GUIDANCE} for a source)")
+                                             f"for a source {defaults_help('steps')})")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance, 1 = off; FLUX-dev: its embedded "
+                                                  f"guidance (default: recipe card, else {PIXEL_GUIDANCE} for L2P, "
+                                                  f"for a source {defaults_help('guidance')})")
     p.add_argument("--shift", type=float, help=f"L2P: flow shift of the schedule (default: {PIXEL_SHIFT})")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (consecutive seeds)")
@@ -540,7 +602,7 @@ def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width
     native = max(card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
     if args.patch is not None and args.patch % transfer.PIXEL_PATCH:
         raise ValueError(f"--patch {args.patch}: not a multiple of {transfer.PIXEL_PATCH}")
-    patch = args.patch or choose_patch(cfg.backbone.all_patch_size, height, width, native)
+    patch = args.patch or choose_patch(cfg.patches, height, width, native)
     shift = args.shift or high_resolution_shift(height, width, native, card.get("sample", {}).get("shift", PIXEL_SHIFT))
     with torch.device("meta"):
         params = sum(p.numel() for m in (PixelDiT(cfg), Qwen3TextEncoder(Qwen3Config.from_dict(

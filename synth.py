@@ -8,7 +8,9 @@ file `{prompt:06d}-{k}.png`. Under torchrun rank r makes the images with j % wor
 written under a temporary name and renamed when complete, and carries its own metadata row as PNG text,
 so an existing file is a finished image: a killed run resumes by skipping them, with nothing lost or made
 twice. When every image exists, `metadata.jsonl` (one row per image, in order) is written from the PNGs.
-Defaults follow the source's recommended inference (Z-Image-Turbo: 8 steps, no guidance).
+Defaults follow the source's recipe card, else its family's recommended inference (sample.SOURCE_DEFAULTS:
+Z-Image-Turbo 8 steps, no guidance; SD3.5-Medium 40 steps, CFG 4.5; FLUX.1-schnell 4 steps; FLUX.1-dev 50 steps,
+embedded guidance 3.5).
 """
 
 import argparse
@@ -107,8 +109,10 @@ def parse_args(argv=None):
     p.add_argument("--images-per-prompt", type=int, help=f"seeds per prompt (default: {PAPER_IMAGES_PER_PROMPT})")
     p.add_argument("--h", type=int, help="image height (default: the recipe card's, else 1024)")
     p.add_argument("--w", type=int, help="image width (default: the recipe card's, else 1024)")
-    p.add_argument("--steps", type=int, help=f"Euler steps of the source (default: card, else {sample.SOURCE_STEPS})")
-    p.add_argument("--guidance", type=float, help=f"guidance, 1 = off (default: card, else {sample.SOURCE_GUIDANCE})")
+    p.add_argument("--steps", type=int, help=f"Euler steps of the source (default: card, else by family: "
+                                             f"{sample.defaults_help('steps')})")
+    p.add_argument("--guidance", type=float, help=f"guidance, 1 = off; FLUX-dev: its embedded guidance (default: "
+                                                  f"card, else by family: {sample.defaults_help('guidance')})")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0; image j uses seed + j")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward batch on each rank")
     p.add_argument("--device", default="auto", help="auto (CUDA device LOCAL_RANK when present), cpu, cuda:N")
@@ -116,13 +120,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fill_from_card(args, card: dict) -> None:
-    """Unset flags take the source's recipe card values (l2p.json), else the built-in defaults."""
+def fill_from_card(args, card: dict, defaults: dict) -> None:
+    """Unset flags take the source's recipe card values (l2p.json), else `defaults` (its family's steps and
+    guidance, sample.source_defaults) and the built-in size and seeds per prompt."""
     recipe = card.get("synth", {})
     height, width = card.get("size", (sample.DEFAULT_SIZE, sample.DEFAULT_SIZE))
     args.h, args.w = args.h or height, args.w or width
-    args.steps = args.steps or recipe.get("steps", sample.SOURCE_STEPS)
-    args.guidance = args.guidance if args.guidance is not None else recipe.get("guidance", sample.SOURCE_GUIDANCE)
+    args.steps = args.steps or recipe.get("steps", defaults["steps"])
+    args.guidance = args.guidance if args.guidance is not None else recipe.get("guidance", defaults["guidance"])
     args.images_per_prompt = args.images_per_prompt or recipe.get("images_per_prompt", PAPER_IMAGES_PER_PROMPT)
     if args.prompts is None:
         args.prompts = hub.resolve(args.ckpt) / recipe["prompts"] if "prompts" in recipe else DEFAULT_PROMPTS
@@ -131,7 +136,10 @@ def fill_from_card(args, card: dict) -> None:
 def synthesize(argv=None) -> Path:
     args = parse_args(argv)
     rank, world, local_rank = rank_and_world()
-    fill_from_card(args, hub.recipe_card(args.ckpt))
+    configs = hub.resolve(args.ckpt, ["model_index.json", "transformer/config.json"])  # no weights yet
+    pipeline_class = hub.read_pipeline_index(configs)["_class_name"]
+    defaults = sample.source_defaults(hub.pipeline_transformer_config(configs / "transformer", pipeline_class))
+    fill_from_card(args, hub.recipe_card(args.ckpt), defaults)
     if min(args.images_per_prompt, args.batch_size, args.steps) < 1:
         raise ValueError("--images-per-prompt, --batch-size and --steps must be at least 1")
     jobs = plan_jobs(read_prompts(args.prompts), args.images_per_prompt, args.seed)

@@ -106,10 +106,12 @@ def training_sigmas(shift: float = TRAIN_SHIFT) -> torch.Tensor:
 
 
 def flow_matching_loss(model, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, captions,
-                       patch: int | None = None) -> torch.Tensor:
-    """Paper Eq. 5: MSE between the predicted velocity at x_sigma and noise - x0, in float32."""
+                       patch: int | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """Paper Eq. 5: MSE between the predicted velocity at x_sigma and noise - x0, in float32. `guidance`: the
+    embedded guidance scale a guidance-distilled source (FLUX.1-dev) made each image with."""
     s = sigma[:, None, None, None]
-    velocity = model((1 - s) * x0 + s * noise, sigma, captions, patch)
+    extra = {} if guidance is None else {"guidance": guidance}
+    velocity = model((1 - s) * x0 + s * noise, sigma, captions, patch, **extra)
     return F.mse_loss(velocity.float(), (noise - x0).float())
 
 
@@ -366,8 +368,12 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
         else:  # the image's own seed, exactly the noise synth/sample draw for that seed
             noise = sample.initial_noise([corpus.rows[i]["seed"] for _, i in batch], tuple(x0.shape[1:]))
         captions = text([corpus.rows[i]["prompt"] for _, i in batch])
+        # a guidance-distilled source is trained with the guidance embedding each image was synthesised with
+        guidance = torch.tensor([float(corpus.rows[i]["guidance"]) for _, i in batch], device=device) \
+            if getattr(model.cfg.backbone, "guidance_embeds", False) else None
         with autocast:
-            loss = flow_matching_loss(net, x0.to(device), noise.to(device), sigma.to(device), captions, args.patch)
+            loss = flow_matching_loss(net, x0.to(device), noise.to(device), sigma.to(device), captions, args.patch,
+                                      guidance)
         loss.backward()
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(trained, args.clip)

@@ -6,6 +6,10 @@
     freeze:     a declarative plan of what trains; defaults equal the released code (main blocks 0-4 and
                 25-29, both refiners, t/caption embedders, pad tokens), `paper` is the paper's literal list
                 (first and last n blocks only), `full` is full fine-tuning. The new layers always train.
+                Per family, "first and last n blocks" are: Z-Image the first and last n of `layers`; SD3 the
+                first and last n `transformer_blocks` (joint blocks); FLUX the first n double-stream
+                `transformer_blocks` (where text and image first meet) and the last n `single_transformer_blocks`
+                (those nearest the output). SD3's and FLUX's embedders are time_text_embed and context_embedder.
     checkpoints: safetensors holding the trained tensors only, with the pixel config, the freeze plan and the
                 source's id, revision and weight hash in the metadata; loaded as source + trained tensors with
                 no merge step. `export` writes one standalone file; the official release file
@@ -26,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import hub
-from model import HEAD_WIDTHS, PixelConfig, PixelDiT, ZImageConfig, ZImageDiT
+from model import HEAD_WIDTHS, FluxDiT, PixelConfig, PixelDiT, SD3MMDiT, ZImageDiT, backbone_family
 
 PIXEL_PATCH = 16  # 16x16 RGB patches: the same token grid as the latent model (VAE 8x, DiT patch 2)
 CHECKPOINT_FORMAT = "l2p/1"
@@ -49,20 +53,27 @@ class FreezePlan:
     pad_tokens: bool = True  # x_pad_token and cap_pad_token
     all_blocks: bool = False  # full fine-tuning: everything trains
 
-    def trains(self, name: str, n_layers: int) -> bool:
-        """Whether the parameter `name` of a PixelDiT trains under this plan."""
+    def trains(self, name: str, blocks: dict[str, int], family: str) -> bool:
+        """Whether the parameter `name` of a PixelDiT trains under this plan; `blocks` counts each block list."""
         part = name.split(".")
         if part[0] == "detailer_head" or part[1] in ("all_x_embedder", "all_final_layer") or self.all_blocks:
             return True
-        if part[1] == "layers":
+        first, last = BLOCK_LISTS[family]
+        if part[1] in (first, last):
             block = int(part[2])
-            return block < self.first_blocks or block >= n_layers - self.last_blocks
+            return (part[1] == first and block < self.first_blocks) or \
+                (part[1] == last and block >= blocks[last] - self.last_blocks)
         rules = {"noise_refiner": self.refiners, "context_refiner": self.refiners, "t_embedder": self.embedders,
-                 "cap_embedder": self.embedders, "x_pad_token": self.pad_tokens, "cap_pad_token": self.pad_tokens}
+                 "cap_embedder": self.embedders, "x_pad_token": self.pad_tokens, "cap_pad_token": self.pad_tokens,
+                 "time_text_embed": self.embedders, "context_embedder": self.embedders}
         if part[1] not in rules:
             raise ValueError(f"freeze plan: no rule for parameter {name}")
         return rules[part[1]]
 
+
+# Per family, the block list whose first n blocks train and the one whose last n blocks train
+BLOCK_LISTS = {"zimage": ("layers", "layers"), "sd3": ("transformer_blocks", "transformer_blocks"),
+               "flux": ("transformer_blocks", "single_transformer_blocks")}
 
 FREEZE_PLANS = {
     "released": FreezePlan(),
@@ -79,9 +90,10 @@ def make_plan(name: str, blocks: int) -> FreezePlan:
 
 def apply_freeze_plan(model: PixelDiT, plan: FreezePlan) -> tuple[int, int]:
     """Set requires_grad per the plan; returns (trainable, total) parameter counts."""
-    n_layers = model.cfg.backbone.n_layers
+    family = model.cfg.family
+    blocks = {name: len(getattr(model.backbone, name)) for name in BLOCK_LISTS[family]}
     for name, p in model.named_parameters():
-        p.requires_grad_(plan.trains(name, n_layers))
+        p.requires_grad_(plan.trains(name, blocks, family))
     return count_parameters(model)
 
 
@@ -98,13 +110,14 @@ def trained_names(model: PixelDiT) -> list[str]:
 # Transfer
 
 
-def pixel_config(source: ZImageConfig, head_widths=HEAD_WIDTHS, patches=(PIXEL_PATCH,),
-                 output: str = "detailer") -> PixelConfig:
+def pixel_config(source, head_widths=HEAD_WIDTHS, patches=(PIXEL_PATCH,), output: str = "detailer") -> PixelConfig:
     """The source's backbone with RGB patch embedders, and the Detailer Head in place of its final layer (or,
-    for the ablation, a per-patch linear final layer)."""
-    backbone = replace(source, in_channels=3, all_patch_size=tuple(patches), all_f_patch_size=(1,) * len(patches),
-                       final_layer=output == "linear")
-    return PixelConfig(backbone, tuple(head_widths), output)
+    for the Z-Image ablation, a per-patch linear final layer)."""
+    patches = tuple(patches)
+    if backbone_family(source) == "zimage":
+        source = replace(source, in_channels=3, all_patch_size=patches, all_f_patch_size=(1,) * len(patches),
+                         final_layer=output == "linear")
+    return PixelConfig(source, tuple(head_widths), output, patches)
 
 
 def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,12 +138,11 @@ def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int) -
 def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "downsampled") -> PixelDiT:
     """A pixel model with embedders for more patch sizes; new ones start from the 16-px embedder (see
     downsampled_embedder) or, with init="random", at PyTorch's default init. Existing ones are kept."""
-    have = model.cfg.backbone.all_patch_size
+    have = model.cfg.patches
     patches = tuple(sorted(set(have) | set(patches)))
     if patches == have:
         return model
-    cfg = replace(model.cfg, backbone=replace(model.cfg.backbone, all_patch_size=patches,
-                                              all_f_patch_size=(1,) * len(patches)))
+    cfg = pixel_config(model.cfg.backbone, model.cfg.head_widths, patches, model.cfg.output)
     state, trains = model.state_dict(), {n: p.requires_grad for n, p in model.named_parameters()}
     base = model.backbone.all_x_embedder[f"{PIXEL_PATCH}-1"]
     for patch in sorted(set(patches) - set(have)):
@@ -149,7 +161,7 @@ def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "down
     return bigger
 
 
-def transfer(source: ZImageDiT, plan: FreezePlan = FreezePlan(), head_widths=HEAD_WIDTHS, seed: int = 0,
+def transfer(source: ZImageDiT | SD3MMDiT | FluxDiT, plan: FreezePlan = FreezePlan(), head_widths=HEAD_WIDTHS, seed: int = 0,
              verbose: bool = True, copy: bool = True, output: str = "detailer") -> PixelDiT:
     """The pixel model: source tensors copied where name and shape match, new layers at default init (seeded),
     the freeze plan applied. New tensors are float32; copied ones keep the source's dtype and device.
@@ -159,15 +171,17 @@ def transfer(source: ZImageDiT, plan: FreezePlan = FreezePlan(), head_widths=HEA
     model = PixelDiT(cfg)
     source_state = source.state_dict() if copy else {}
     copied, new = 0, []
+    # buffers too: SD3's stored position table is one
+    tensors = dict(model.backbone.named_parameters()) | dict(model.backbone.named_buffers())
     with torch.no_grad():
-        for name, param in model.backbone.named_parameters():
+        for name, tensor in tensors.items():
             src = source_state.get(name)
-            if src is not None and src.shape == param.shape:
-                param.data = src.clone()  # bit-exact, in the source's dtype
+            if src is not None and src.shape == tensor.shape:
+                tensor.data = src.clone()  # bit-exact, in the source's dtype
                 copied += 1
             else:
                 new.append(name)
-    dropped = [k for k in source.state_dict() if k not in dict(model.backbone.named_parameters())]
+    dropped = [k for k in source.state_dict() if k not in tensors]
     device = next(source.parameters()).device
     model.to(device)
     trainable, total = apply_freeze_plan(model, plan)
@@ -314,10 +328,10 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
             "these trained tensors belong to other base weights")
     cfg = PixelConfig.from_dict(meta["config"])
     plan = FreezePlan(**meta["freeze_plan"])
-    if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.backbone.all_patch_size, cfg.output):
+    if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.patches, cfg.output):
         raise hub.CheckpointError(f"{path}: its pixel config does not follow from source {pipe.name}")
     model = add_patch_sizes(transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output),
-                            cfg.backbone.all_patch_size)
+                            cfg.patches)
     trained = hub.read_tensors(path, device)
     # the plan's trained tensors, and those an earlier stage trained (a 4K run started from a 1K one)
     missing = sorted(set(trained_names(model)) - set(trained))
@@ -358,8 +372,7 @@ def main(argv=None):
         print(f"wrote {args.out}")
     elif args.ckpt:
         with torch.device("meta"):  # counts only: no weights are read
-            cfg = ZImageConfig.from_dict(hub.read_json(hub.resolve(args.ckpt, ["transformer/config.json"]) /
-                                                       "transformer" / "config.json"))
+            cfg = hub.transformer_config(hub.resolve(args.ckpt, ["transformer/config.json"]) / "transformer")
             model = PixelDiT(pixel_config(cfg))
         trainable, total = apply_freeze_plan(model, make_plan(args.freeze, args.blocks))
         print(f"{args.freeze} plan, n = {args.blocks}: trainable parameters {trainable:,} of {total:,} "

@@ -200,3 +200,88 @@ def tiny_t5(seed: int = 0, **overrides):
     config.update(overrides)
     torch.manual_seed(seed)
     return randomize(T5EncoderModel(T5Config(**config)).eval(), seed, std=0.2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole SD3 / FLUX pipelines (hub_formats.md 2.1, 3.1): the reference classes, saved by save_pretrained
+
+# SD3.5-Medium-like (hub_formats.md 13.3): qk norms, a dual-attention first block, a context_pre_only last block.
+# joint_attention_dim = the T5 width, >= CLIP-L + bigG widths (32 + 48, zero-padded up to it); pooled = 32 + 40.
+SD3_TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
+                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=96,
+                            caption_projection_dim=32, pooled_projection_dim=72, pos_embed_max_size=16,
+                            dual_attention_layers=(0,), qk_norm="rms_norm")
+SD3_TINY_CLIP_G = dict(hidden_act="gelu", hidden_size=48, projection_dim=40, num_attention_heads=3)
+SD3_TINY_T5 = dict(d_model=96, num_heads=2, d_kv=16)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # SD3-Medium's scheduler_config.json (hub_formats.md 2.7)
+SD3_VAE_FACTORS = dict(scaling_factor=1.5305, shift_factor=0.0609)  # hub_formats.md 4.1
+# FLUX.1-like: in_channels 16 latent channels x 2 x 2 packing, RoPE axes (4, 6, 6) summing to head_dim 16,
+# pooled = the CLIP-L width (no projection), joint_attention_dim = the T5 width.
+FLUX_TINY_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             axes_dims_rope=(4, 6, 6))
+FLUX_SCHEDULERS = {  # the released scheduler_config.json files (hub_formats.md 3.6)
+    "schnell": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
+    "dev": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True),
+}
+
+
+def save_with_hub_tokenizers(pipe, folder: Path, tokenizers: dict[str, Path]) -> Path:
+    """save_pretrained, then each tokenizer folder replaced by the files the hub repositories hold: transformers 5
+    re-saves a CLIP tokenizer as tokenizer.json only, while SD3 / FLUX ship vocab.json + merges.txt."""
+    import shutil
+
+    pipe.save_pretrained(folder)
+    for name, built in tokenizers.items():
+        shutil.rmtree(folder / name)
+        shutil.copytree(built, folder / name)
+    return folder
+
+
+def tiny_sd3_pipeline(folder: Path, t5: bool = True) -> Path:
+    """A StableDiffusion3Pipeline folder (SD3.5-Medium layout); without T5, text_encoder_3 and tokenizer_3 are
+    [null, null] in model_index.json and the pipeline puts zeros in T5's place."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built = {"tokenizer": build_clip_tokenizer(Path(tmp) / "tokenizer"),
+                 "tokenizer_2": build_clip_tokenizer(Path(tmp) / "tokenizer_2", pad_token="!")}
+        if t5:
+            built["tokenizer_3"] = build_t5_tokenizer(Path(tmp) / "tokenizer_3")
+        torch.manual_seed(0)
+        pipe = StableDiffusion3Pipeline(
+            transformer=randomize(SD3Transformer2DModel(**SD3_TINY_TRANSFORMER).eval(), seed=0),
+            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+            vae=tiny_vae(seed=0, **SD3_VAE_FACTORS),
+            text_encoder=tiny_clip(seed=1), tokenizer=CLIPTokenizer.from_pretrained(built["tokenizer"]),
+            text_encoder_2=tiny_clip(seed=2, **SD3_TINY_CLIP_G),
+            tokenizer_2=CLIPTokenizer.from_pretrained(built["tokenizer_2"]),
+            text_encoder_3=tiny_t5(seed=3, **SD3_TINY_T5) if t5 else None,
+            tokenizer_3=T5TokenizerFast.from_pretrained(built["tokenizer_3"]) if t5 else None,
+        )
+        return save_with_hub_tokenizers(pipe, folder, built)
+
+
+def tiny_flux_pipeline(folder: Path, guidance: bool) -> Path:
+    """A FluxPipeline folder: FLUX.1-dev-like (guidance embedding, dynamic shift) with `guidance`, else
+    FLUX.1-schnell-like (shift 1)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built = {"tokenizer": build_clip_tokenizer(Path(tmp) / "tokenizer"),
+                 "tokenizer_2": build_t5_tokenizer(Path(tmp) / "tokenizer_2")}
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(**FLUX_TINY_TRANSFORMER, guidance_embeds=guidance).eval()
+        pipe = FluxPipeline(
+            transformer=randomize(transformer, seed=0),
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS["dev" if guidance else "schnell"]),
+            vae=tiny_vae(seed=0),
+            text_encoder=tiny_clip(seed=1, projection=False),
+            tokenizer=CLIPTokenizer.from_pretrained(built["tokenizer"]),
+            text_encoder_2=tiny_t5(seed=3), tokenizer_2=T5TokenizerFast.from_pretrained(built["tokenizer_2"]),
+        )
+        return save_with_hub_tokenizers(pipe, folder, built)

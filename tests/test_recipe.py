@@ -82,17 +82,28 @@ def test_transfer_copies_adds_drops_and_counts(pipeline_dir):
 
 def test_freeze_plans():
     released, paper, full = (transfer.make_plan(name, 1) for name in ("released", "paper", "full"))
-    n = 4
+    n, z = {"layers": 4}, "zimage"
     for plan in (released, paper, full):
-        assert plan.trains("detailer_head.enc1.0.weight", n) and plan.trains("backbone.all_x_embedder.16-1.weight", n)
-        assert plan.trains("backbone.layers.0.attention.to_q.weight", n)
-        assert plan.trains("backbone.layers.3.feed_forward.w1.weight", n)
-    assert not released.trains("backbone.layers.1.attention.to_q.weight", n)
-    assert not paper.trains("backbone.layers.2.attention.to_q.weight", n)
-    assert full.trains("backbone.layers.2.attention.to_q.weight", n)
+        assert plan.trains("detailer_head.enc1.0.weight", n, z) and plan.trains("backbone.all_x_embedder.16-1.weight", n, z)
+        assert plan.trains("backbone.layers.0.attention.to_q.weight", n, z)
+        assert plan.trains("backbone.layers.3.feed_forward.w1.weight", n, z)
+    assert not released.trains("backbone.layers.1.attention.to_q.weight", n, z)
+    assert not paper.trains("backbone.layers.2.attention.to_q.weight", n, z)
+    assert full.trains("backbone.layers.2.attention.to_q.weight", n, z)
     for name in ("backbone.noise_refiner.0.attention.to_q.weight", "backbone.t_embedder.mlp.0.weight",
                  "backbone.cap_embedder.1.weight", "backbone.x_pad_token"):
-        assert released.trains(name, n) and not paper.trains(name, n)
+        assert released.trains(name, n, z) and not paper.trains(name, n, z)
+    # FLUX: the first n double-stream blocks and the last n single-stream blocks; SD3: first and last joint blocks
+    blocks = {"transformer_blocks": 3, "single_transformer_blocks": 4}
+    assert released.trains("backbone.transformer_blocks.0.attn.to_q.weight", blocks, "flux")
+    assert not released.trains("backbone.transformer_blocks.2.attn.to_q.weight", blocks, "flux")
+    assert not released.trains("backbone.single_transformer_blocks.0.proj_mlp.weight", blocks, "flux")
+    assert released.trains("backbone.single_transformer_blocks.3.proj_mlp.weight", blocks, "flux")
+    sd3_blocks = {"transformer_blocks": 4}
+    assert [released.trains(f"backbone.transformer_blocks.{i}.ff.net.2.weight", sd3_blocks, "sd3")
+            for i in range(4)] == [True, False, False, True]
+    assert released.trains("backbone.context_embedder.weight", sd3_blocks, "sd3")
+    assert not paper.trains("backbone.time_text_embed.text_embedder.linear_1.weight", sd3_blocks, "sd3")
     with pytest.raises(ValueError, match="--freeze 'partial': expected one of released, paper, full"):
         transfer.make_plan("partial", 5)
 
