@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from model import FLUX_PACK, FLUX_RELEASED_AXES, FluxConfig, FluxDiT, SD3Config, SD3MMDiT, ZImageConfig, ZImageDiT
-from tokenizer import (FLUX_DEV_T5_TOKENS, FLUX_SCHNELL_T5_TOKENS, QWEN3_CHAT_TEMPLATE, AutoencoderKL,
+from tokenizer import (CLIP_MAX_TOKENS, FLUX_DEV_T5_TOKENS, FLUX_SCHNELL_T5_TOKENS, QWEN3_CHAT_TEMPLATE,
+                       SD3_T5_TOKENS, AutoencoderKL,
                        CLIPPromptTokenizer, CLIPTextConfig, CLIPTextEncoder, FluxText, PromptTokenizer, Qwen3Config,
                        Qwen3TextEncoder, SD3Text, T5Config, T5Encoder, T5PromptTokenizer, VAEConfig, ZImageText)
 
@@ -840,11 +841,22 @@ def load_text(pipeline_class: str, folders: list[tuple[Path, Path] | None], cfg,
                        cfg.joint_attention_dim)
     (clip_l, clip_tokenizer), (t5, t5_tokenizer) = folders
     clip_tokenizer, t5_tokenizer = load_clip_tokenizer(clip_tokenizer), load_t5_tokenizer(t5_tokenizer)
-    # BFL encodes T5 to 512 tokens for the guidance-distilled dev and to 256 for schnell (flux/cli.py); diffusers'
-    # FluxPipeline defaults to 512 for both, and its docs say schnell takes at most 256
-    t5_tokens = FLUX_DEV_T5_TOKENS if cfg.guidance_embeds else FLUX_SCHNELL_T5_TOKENS
     return FluxText(load_clip(clip_l, dtype, device), clip_tokenizer, load_t5(t5, dtype, device), t5_tokenizer,
-                    t5_tokens)
+                    flux_t5_tokens(cfg))
+
+
+def flux_t5_tokens(cfg: FluxConfig) -> int:
+    """BFL encodes T5 to 512 tokens for the guidance-distilled dev and to 256 for schnell (flux/cli.py); diffusers'
+    FluxPipeline defaults to 512 for both, and its docs say schnell takes at most 256."""
+    return FLUX_DEV_T5_TOKENS if cfg.guidance_embeds else FLUX_SCHNELL_T5_TOKENS
+
+
+def text_tokens(cfg) -> int | None:
+    """Conditioning tokens per prompt of an SD3 / FLUX text side (padded to a fixed length: CLIP's 77 + T5's for
+    SD3, T5's for FLUX, whose CLIP only gives the pooled vector); None for Z-Image, whose length follows the prompt."""
+    if isinstance(cfg, SD3Config):
+        return CLIP_MAX_TOKENS + SD3_T5_TOKENS
+    return flux_t5_tokens(cfg) if isinstance(cfg, FluxConfig) else None
 
 
 def load_pipeline(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *, parts=ALL_PARTS,

@@ -807,7 +807,7 @@ class FluxDiT(nn.Module):
         """adaLN vector (B, dim) from sigma (B,), the pooled CLIP embedding text.pooled (B, pooled_projection_dim) and, for
         guidance-distilled models (dev), the guidance scale. As both references do, time and guidance are rounded
         to the model's dtype before the x1000 (in bfloat16 that quantises them)."""
-        dtype = self.x_embedder.weight.dtype
+        dtype = self.context_embedder.weight.dtype
         if self.cfg.guidance_embeds and guidance is None:
             raise ValueError("this FLUX model is guidance-distilled (guidance_embeds, like FLUX.1-dev): pass guidance")
         if not self.cfg.guidance_embeds and guidance is not None:

@@ -73,13 +73,22 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def resolution_mu(image_seq_len: int, scheduler: dict) -> float:
-    """The pipeline's resolution-dependent shift: linear in the token count between two anchors."""
+    """The pipeline's resolution-dependent shift exp(mu): mu linear in the token count up to the scheduler's
+    max_image_seq_len (FLUX.1: 4096 tokens, 1024^2 px), exactly as diffusers and BFL compute it.
+
+    Past that size the line is not followed: it reaches mu = 11.5 at 65,536 tokens, where every step but the last
+    sits at sigma > 0.99 (pure noise). There the shift grows as our pixel models' does (high_resolution_shift:
+    x (tokens / max_len) ^ HIGH_RES_SHIFT_EXPONENT) and stops at MAX_PIXEL_SHIFT, so FLUX samples sizes it never
+    saw with a spread schedule."""
     base_len = scheduler.get("base_image_seq_len", BASE_SEQ_LEN)
     max_len = scheduler.get("max_image_seq_len", MAX_SEQ_LEN)
     base_shift = scheduler.get("base_shift", BASE_SHIFT)
     max_shift = scheduler.get("max_shift", MAX_SHIFT)
     slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * slope + base_shift - slope * base_len
+    if image_seq_len <= max_len:
+        return image_seq_len * slope + base_shift - slope * base_len
+    grown = max_shift + HIGH_RES_SHIFT_EXPONENT * math.log(image_seq_len / max_len)
+    return min(grown, max(max_shift, math.log(MAX_PIXEL_SHIFT)))
 
 
 def source_sigmas(steps: int, scheduler: dict, image_seq_len: int, from_training_table: bool = False) -> torch.Tensor:
@@ -224,7 +233,11 @@ def sample_pixels(model, text, prompts: list[str], seeds: list[int], height: int
     check_size(height, width, patch, f"the pixel patch size {patch}")
     x = initial_noise(seeds, (3, height, width)) if noise is None else noise
     sigmas = source_sigmas(steps, {"shift": shift}, (height // patch) * (width // patch))
-    x = denoise(model, text, prompts, x, sigmas, guidance, negative_prompt, progress, patch=patch)
+    if source_family(model.cfg.backbone) == "flux-dev":  # guidance-distilled: the scale goes into the embedding
+        x = denoise(model, text, prompts, x, sigmas, 1.0, negative_prompt, progress, embedded_guidance=guidance,
+                    patch=patch)
+    else:
+        x = denoise(model, text, prompts, x, sigmas, guidance, negative_prompt, progress, patch=patch)
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -351,6 +364,10 @@ def head_activation_bytes(widths, area: int, batch: int, dtype_bytes: int) -> in
     return int(batch * dtype_bytes * area * 3 + batch * dtype_bytes * (skips + 4 * widths[0] * area))
 
 
+def attention_heads(backbone_cfg) -> int:
+    return backbone_cfg.n_heads if backbone_family(backbone_cfg) == "zimage" else backbone_cfg.num_attention_heads
+
+
 def memory_estimate(cfg, params: int, height: int, width: int, patch: int, batch: int, guided: bool,
                     caption_tokens: int, tile: int | None, chunk: int | None, dtype: torch.dtype) -> dict[str, int]:
     """Bytes per component of a pixel model's sampling step at its peak (upper bounds, see the constants)."""
@@ -358,13 +375,16 @@ def memory_estimate(cfg, params: int, height: int, width: int, patch: int, batch
 
     b, size = batch * (2 if guided else 1), BYTES[dtype]
     bb = cfg.backbone
-    tokens = round_up((height // patch) * (width // patch), ZIMAGE_SEQ_MULTIPLE) + round_up(caption_tokens, 32)
+    image_tokens = (height // patch) * (width // patch)
+    if cfg.family == "zimage":  # Z-Image pads each sequence to a multiple of 32 tokens
+        image_tokens, caption_tokens = round_up(image_tokens, ZIMAGE_SEQ_MULTIPLE), round_up(caption_tokens, 32)
+    tokens = image_tokens + caption_tokens
     area = height * width if not tile else min(tile + 2 * HEAD_HALO, height) * min(tile + 2 * HEAD_HALO, width)
     return {
         "weights": params * size,
         "images": EULER_IMAGE_COPIES * batch * 3 * height * width * 4,
         "transformer": b * tokens * bb.dim * size * BLOCK_ACTIVATIONS,
-        "attention scores": b * bb.n_heads * min(tokens, chunk or tokens) * tokens * 4,
+        "attention scores": b * attention_heads(bb) * min(tokens, chunk or tokens) * tokens * 4,
         "feature map": b * bb.dim * (height // 16) * (width // 16) * size,
         "head": head_activation_bytes(cfg.head_widths, area, b, size) + (b * 3 * height * width * size if tile else 0),
     }
@@ -384,7 +404,7 @@ def auto_memory_settings(cfg, params, height, width, patch, batch, guided, capti
     if chunk is None and estimate(None, None)["attention scores"] > share:
         b = batch * (2 if guided else 1)
         tokens = (height // patch) * (width // patch) + caption_tokens
-        chunk = max(256, int(share // (b * cfg.backbone.n_heads * tokens * 4)))
+        chunk = max(256, int(share // (b * attention_heads(cfg.backbone) * tokens * 4)))
     return tile or None, chunk or None
 
 
@@ -591,29 +611,50 @@ def main(argv=None) -> list[Path]:
     return written
 
 
+def text_parameters(root: Path) -> int:
+    """Parameters of a pipeline's text encoders, built on the meta device from their config.json files."""
+    import tokenizer as tk
+
+    builders = {"qwen3": (tk.Qwen3Config, tk.Qwen3TextEncoder), "clip_text_model": (tk.CLIPTextConfig, tk.CLIPTextEncoder),
+                "t5": (tk.T5Config, tk.T5Encoder)}
+    total = 0
+    for folders in hub.text_folders(root, hub.read_pipeline_index(root)):
+        if folders is None:
+            continue
+        config = hub.read_json(folders[0] / "config.json")
+        if config.get("model_type") not in builders:
+            raise hub.CheckpointError(f"{folders[0]}/config.json: model_type {config.get('model_type')!r}, expected "
+                                      f"one of {', '.join(builders)}")
+        config_class, encoder_class = builders[config["model_type"]]
+        with torch.device("meta"):
+            total += sum(p.numel() for p in encoder_class(config_class.from_dict(config)).parameters())
+    return total
+
+
 def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width: int, device, dtype) -> dict:
     """Patch, shift, head tile, attention chunk and the memory estimate, from configs alone (no weights)."""
     from model import PixelDiT
-    from tokenizer import Qwen3Config, Qwen3TextEncoder
 
     cfg = transfer.peek_config(args.ckpt)
     source = args.source or transfer.source_of(args.ckpt)
-    text_root = hub.resolve(source, ["text_encoder/config.json", "tokenizer/*"])
+    text_root = hub.resolve(source, ["model_index.json", "transformer/config.json", "text_encoder*/config.json",
+                                     "tokenizer*/*"])
     native = max(card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
     if args.patch is not None and args.patch % transfer.PIXEL_PATCH:
         raise ValueError(f"--patch {args.patch}: not a multiple of {transfer.PIXEL_PATCH}")
     patch = args.patch or choose_patch(cfg.patches, height, width, native)
     shift = args.shift or high_resolution_shift(height, width, native, card.get("sample", {}).get("shift", PIXEL_SHIFT))
     with torch.device("meta"):
-        params = sum(p.numel() for m in (PixelDiT(cfg), Qwen3TextEncoder(Qwen3Config.from_dict(
-            hub.read_json(text_root / "text_encoder" / "config.json")))) for p in m.parameters())
-    _, mask = hub.load_tokenizer(text_root / "tokenizer")(prompts)
-    caption_tokens = int(mask.sum(1).max())
+        params = sum(p.numel() for p in PixelDiT(cfg).parameters()) + text_parameters(text_root)
+    caption_tokens = hub.text_tokens(cfg.backbone)
+    if caption_tokens is None:  # Z-Image: the longest prompt's valid tokens
+        caption_tokens = int(hub.load_tokenizer(text_root / "tokenizer")(prompts)[1].sum(1).max())
     guidance = args.guidance if args.guidance is not None else card.get("sample", {}).get("guidance", PIXEL_GUIDANCE)
+    guided = guidance != 1 and source_family(cfg.backbone) != "flux-dev"  # dev embeds its guidance: no CFG batch
     budget = memory_budget(device, args.memory_budget)
-    tile, chunk = auto_memory_settings(cfg, params, height, width, patch, args.batch_size, guidance != 1,
+    tile, chunk = auto_memory_settings(cfg, params, height, width, patch, args.batch_size, guided,
                                        caption_tokens, dtype, budget, args.head_tile, args.attention_chunk)
-    parts = memory_estimate(cfg, params, height, width, patch, args.batch_size, guidance != 1, caption_tokens, tile,
+    parts = memory_estimate(cfg, params, height, width, patch, args.batch_size, guided, caption_tokens, tile,
                             chunk, dtype)
     baseline = 0 if device.type == "cuda" else peak_memory(device)
     return {"patch": patch, "shift": shift, "tile": tile, "chunk": chunk, "parts": parts, "baseline": baseline}

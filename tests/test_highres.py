@@ -1,5 +1,6 @@
 """High resolution: exact chunked attention and tiled head, large-patch embedders, a bounded shift."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -82,9 +83,19 @@ def test_high_resolution_shift_is_bounded_and_the_schedule_stays_spread():
     for height in (4096, 10240, 10 ** 5):
         sigmas = sample.source_sigmas(30, {"shift": sample.high_resolution_shift(height, height)}, tokens)
         assert (sigmas[:-1] <= 0.5).float().mean() >= 1 / 8 and sigmas[-2] < 0.2
-    # what a token-count-linear rule (FLUX's dynamic mu, diffusers defaults) does at that size: pure noise
-    flux = sample.source_sigmas(30, {"use_dynamic_shifting": True}, tokens)
-    assert (flux[:-1] > 0.99).float().mean() > 0.9
+    # what a token-count-linear rule (FLUX's dynamic mu, diffusers defaults) would do at that size: pure noise
+    mu = tokens * (sample.MAX_SHIFT - sample.BASE_SHIFT) / (sample.MAX_SEQ_LEN - sample.BASE_SEQ_LEN)
+    mu += sample.BASE_SHIFT - sample.BASE_SEQ_LEN * (sample.MAX_SHIFT - sample.BASE_SHIFT) / (
+        sample.MAX_SEQ_LEN - sample.BASE_SEQ_LEN)
+    linear = sample.shift_sigmas(torch.linspace(1.0, 1 / 30, 30), math.exp(mu))
+    assert mu > 11 and (linear > 0.99).float().mean() > 0.9
+    # ours follows that line up to max_image_seq_len (diffusers parity) and is bounded beyond it
+    assert sample.resolution_mu(4096, {}) == pytest.approx(sample.MAX_SHIFT)
+    assert sample.resolution_mu(1024, {}) == pytest.approx(0.5 + 768 * 0.65 / 3840)
+    for n in (16384, tokens, 10 ** 7):
+        flux = sample.source_sigmas(30, {"use_dynamic_shifting": True}, n)
+        assert (flux[:-1] <= 0.5).float().mean() >= 1 / 8 and flux[-2] < 0.2
+    assert sample.resolution_mu(10 ** 7, {}) == pytest.approx(math.log(sample.MAX_PIXEL_SHIFT))
 
 
 def test_patch_choice_keeps_the_native_grid():

@@ -1,0 +1,79 @@
+"""The whole recipe on SD3 and FLUX sources: synth, transfer, 20 training steps, pixel sampling (tiny models)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import hub
+import sample
+import synth
+import train
+import transfer
+from fixtures import tiny_flux_pipeline, tiny_sd3_pipeline
+
+PROMPTS = ["a red circle", "two blue squares"]
+SIZE = ["--h", "32", "--w", "48"]  # multiples of the 16-px pixel patch and of the tiny VAE x patch
+STEPS = 20
+HEAD = "8,16,32,64"
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux-dev", "flux-schnell"])
+def recipe_run(request, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(family, source folder, run folder) after synth and STEPS training steps of L2P on the tiny source."""
+    family, root = request.param, tmp_path_factory.mktemp(request.param)
+    source = tiny_sd3_pipeline(root / "source") if family == "sd3" else \
+        tiny_flux_pipeline(root / "source", guidance=family == "flux-dev")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    data = synth.synthesize(["--ckpt", str(source), "--prompts", str(prompts), "--out", str(root / "data"), *SIZE,
+                             "--steps", "2", "--images-per-prompt", "2", "--device", "cpu", "--dtype", "fp32"])
+    run = root / "run"
+    result = train.train(["--ckpt", str(source), "--data", str(data), "--out", str(run), "--steps", str(STEPS),
+                          "--batch-size", "2", "--blocks", "1", "--head-widths", HEAD, "--lr", "1e-3",
+                          "--log-every", "5", "--save-every", str(STEPS)])
+    assert result["step"] == STEPS and all(torch.isfinite(torch.tensor(result["losses"])))
+    return family, source, run
+
+
+def test_training_changes_only_the_plan(recipe_run):
+    """Trained tensors moved away from the transfer; frozen blocks keep the source's bits; the freeze plan names
+    the family's blocks (FLUX: first double, last single block)."""
+    family, source, run = recipe_run
+    model, meta = transfer.load_pixel_model(str(run), ema=False)
+    src = hub.load_pipeline(str(source), parts=("transformer",)).transformer.state_dict()
+    ours = model.backbone.state_dict()
+    trained = transfer.tensor_names(transfer.checkpoint_file(str(run), ema=False))
+    frozen = [k for k in ours if k in src and f"backbone.{k}" not in trained]
+    assert frozen and all(torch.equal(ours[k], src[k].to(ours[k].dtype)) for k in frozen)
+    moved = [k for k in ours if k in src and f"backbone.{k}" in trained and not torch.equal(ours[k], src[k])]
+    assert moved, "training changed none of the copied tensors it was meant to train"
+    first, last = transfer.BLOCK_LISTS["sd3" if family == "sd3" else "flux"]
+    n_last = len(getattr(model.backbone, last))
+    assert any(k.startswith(f"backbone.{first}.0.") for k in trained)
+    assert any(k.startswith(f"backbone.{last}.{n_last - 1}.") for k in trained)
+    assert not any(k.startswith(f"backbone.{last}.{n_last - 2}.") for k in trained) or family == "sd3" and n_last == 2
+    assert any(k.startswith("detailer_head.") for k in trained)
+    assert not any(".pos_embed.proj." in k or k.startswith(("backbone.x_embedder.", "backbone.proj_out."))
+                   for k in model.state_dict()), "the latent embedder and final layer must be gone"
+
+
+def test_pixel_sampling_writes_images(recipe_run, tmp_path):
+    family, _, run = recipe_run
+    written = sample.main(["--ckpt", str(run), "--prompt", PROMPTS[0], *SIZE, "--steps", "3", "--guidance", "2",
+                           "--out", str(tmp_path / "x.png"), "--device", "cpu", "--dtype", "fp32"])
+    image = Image.open(written[0])
+    assert image.size == (48, 32)
+    assert json.loads(image.text["l2p"])["prompt"] == PROMPTS[0], "the PNG carries its settings"
+    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
+    assert pixels.std() > 0, "a constant image"
+
+
+def test_pixel_dry_run_estimates_memory(recipe_run, capsys):
+    _, _, run = recipe_run
+    sample.main(["--ckpt", str(run), "--prompt", PROMPTS[0], "--h", "64", "--w", "64", "--dry-run",
+                 "--device", "cpu", "--dtype", "fp32"])
+    err = capsys.readouterr().err
+    assert "patch 16" in err and "total" in err
