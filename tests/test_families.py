@@ -22,7 +22,8 @@ HEAD = "8,16,32,64"
 
 @pytest.fixture(scope="module", params=["sd3", "flux-dev", "flux-schnell"])
 def recipe_run(request, tmp_path_factory) -> tuple[str, Path, Path]:
-    """(family, source folder, run folder) after synth and STEPS training steps of L2P on the tiny source."""
+    """(family, source folder, run folder) after synth and STEPS training steps of L2P on the tiny source (text
+    features through the on-disk cache: SD3 / FLUX conditioning is stored per prompt and read back)."""
     family, root = request.param, tmp_path_factory.mktemp(request.param)
     source = tiny_sd3_pipeline(root / "source") if family == "sd3" else \
         tiny_flux_pipeline(root / "source", guidance=family == "flux-dev")
@@ -33,7 +34,7 @@ def recipe_run(request, tmp_path_factory) -> tuple[str, Path, Path]:
     run = root / "run"
     result = train.train(["--ckpt", str(source), "--data", str(data), "--out", str(run), "--steps", str(STEPS),
                           "--batch-size", "2", "--blocks", "1", "--head-widths", HEAD, "--lr", "1e-3",
-                          "--log-every", "5", "--save-every", str(STEPS)])
+                          "--log-every", "5", "--save-every", str(STEPS), "--text-cache", str(root / "cache")])
     assert result["step"] == STEPS and all(torch.isfinite(torch.tensor(result["losses"])))
     return family, source, run
 
