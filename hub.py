@@ -682,35 +682,39 @@ def transformer_config(folder: Path) -> ZImageConfig | SD3Config | FluxConfig:
     return TRANSFORMER_CONFIGS[name].from_dict(config)
 
 
-def load_sd3_transformer(location: Path, dtype: torch.dtype, device, config: dict | None = None) -> SD3MMDiT:
-    """A diffusers SD3Transformer2DModel folder (config.json + safetensors, sharded or not), or a single file: SAI's
-    sd3*.safetensors (`model.diffusion_model.` keys; the VAE and text encoders beside them are not read) or a
+def load_mmdit_transformer(location: Path, dtype: torch.dtype, device, family: str,
+                           config: dict | None = None) -> SD3MMDiT | FluxDiT:
+    """A diffusers folder (config.json + safetensors, sharded or not) of an SD3 / FLUX transformer, or a single
+    file: SAI's sd3*.safetensors (`model.diffusion_model.` keys; the VAE and text encoders beside them are not
+    read), BFL's flux1-{schnell,dev}.safetensors (no prefix; ComfyUI repacks under `model.diffusion_model.`), or a
     diffusers-named file. A single file's config is inferred from its shapes unless `config` (config.json fields)
     is given."""
+    config_class, model_class, class_name, markers, what, from_original, config_from_tensors = MMDIT_FORMATS[family]
     if location.is_dir():
-        cfg = SD3Config.from_dict(hub_config(location, "SD3Transformer2DModel"))
+        cfg = config_class.from_dict(hub_config(location, class_name))
         tensors = read_tensors(location, device)
     else:
-        tensors = read_component(location, (SAI_PREFIX, ""), SD3_MARKERS, "an SD3 / SD3.5 transformer", device)
-        if SD3_MARKERS[0] in tensors:
-            tensors = sd3_from_original(tensors, location)
-        cfg = SD3Config.from_dict(config) if config else sd3_config_from_tensors(tensors, location)
-    return load_module(lambda: SD3MMDiT(cfg), tensors, location, dtype, device)
+        tensors = read_component(location, (SAI_PREFIX, ""), markers, what, device)
+        if markers[0] in tensors:  # the original (SAI / BFL) names
+            tensors = from_original(tensors, location)
+        cfg = config_class.from_dict(config) if config else config_from_tensors(tensors, location)
+    return load_module(lambda: model_class(cfg), tensors, location, dtype, device)
+
+
+MMDIT_FORMATS = {  # config, model, diffusers class, marker keys (original first), what it is, name and config mapping
+    "sd3": (SD3Config, SD3MMDiT, "SD3Transformer2DModel", SD3_MARKERS, "an SD3 / SD3.5 transformer",
+            sd3_from_original, sd3_config_from_tensors),
+    "flux": (FluxConfig, FluxDiT, "FluxTransformer2DModel", FLUX_MARKERS, "a FLUX.1 transformer",
+             flux_from_original, flux_config_from_tensors),
+}
+
+
+def load_sd3_transformer(location: Path, dtype: torch.dtype, device, config: dict | None = None) -> SD3MMDiT:
+    return load_mmdit_transformer(location, dtype, device, "sd3", config)
 
 
 def load_flux_transformer(location: Path, dtype: torch.dtype, device, config: dict | None = None) -> FluxDiT:
-    """A diffusers FluxTransformer2DModel folder, or a single file: BFL's flux1-{schnell,dev}.safetensors (no prefix;
-    ComfyUI repacks under `model.diffusion_model.`) or a diffusers-named file. A single file's config is inferred
-    from its shapes (see flux_config_from_tensors) unless `config` (config.json fields) is given."""
-    if location.is_dir():
-        cfg = FluxConfig.from_dict(hub_config(location, "FluxTransformer2DModel"))
-        tensors = read_tensors(location, device)
-    else:
-        tensors = read_component(location, (SAI_PREFIX, ""), FLUX_MARKERS, "a FLUX.1 transformer", device)
-        if FLUX_MARKERS[0] in tensors:
-            tensors = flux_from_original(tensors, location)
-        cfg = FluxConfig.from_dict(config) if config else flux_config_from_tensors(tensors, location)
-    return load_module(lambda: FluxDiT(cfg), tensors, location, dtype, device)
+    return load_mmdit_transformer(location, dtype, device, "flux", config)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -562,8 +562,20 @@ SINCOS_MAX_PERIOD = 10000.0  # of the 2-D sin-cos position table
 SD3_TABLE_TOLERANCE = 1e-2
 
 
+class MMDiTConfig(HubConfig):
+    """What SD3's and FLUX's configs derive alike from their diffusers fields."""
+
+    @property
+    def dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.out_channels or self.in_channels
+
+
 @dataclass(frozen=True)
-class SD3Config(HubConfig):
+class SD3Config(MMDiTConfig):
     """Fields and defaults of diffusers' SD3Transformer2DModel config.json. The defaults are that class's own, so a
     config.json that omits a field (the original SD3-Medium one has no dual_attention_layers or qk_norm) means what
     it means to diffusers. Real values (hub_formats.md 2.2): SD3-Medium 24 layers, 24 heads, P 192; SD3.5-Medium
@@ -582,14 +594,6 @@ class SD3Config(HubConfig):
     pos_embed_max_size: int = 96
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
-
-    @property
-    def dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
 
 
 def sincos_table(dim: int, rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -717,7 +721,7 @@ FLUX_RELEASED_AXES = (16, 56, 56)  # RoPE split of FLUX.1's head_dim 128: (index
 
 
 @dataclass(frozen=True)
-class FluxConfig(HubConfig):
+class FluxConfig(MMDiTConfig):
     """Fields and defaults of diffusers' FluxTransformer2DModel config.json (its defaults are FLUX.1's values;
     guidance_embeds: false for schnell, true for dev)."""
 
@@ -732,14 +736,6 @@ class FluxConfig(HubConfig):
     pooled_projection_dim: int = 768
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = FLUX_RELEASED_AXES
-
-    @property
-    def dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
