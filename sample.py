@@ -165,14 +165,18 @@ def check_size(height: int, width: int, multiple: int, what: str) -> None:
             raise ValueError(f"{name} {v} is not a positive multiple of {multiple} ({what})")
 
 
+def takes_guidance(model) -> bool:
+    """Whether a latent backbone or pixel model is guidance-distilled (FLUX-dev): guidance is one of its inputs."""
+    return getattr(getattr(model.cfg, "backbone", model.cfg), "guidance_embeds", False)
+
+
 def denoise(model, text, prompts: list[str], x: torch.Tensor, sigmas: torch.Tensor, guidance: float,
-            negative_prompt: str = "", progress: bool = False, embedded_guidance: float | None = None,
-            **model_kwargs) -> torch.Tensor:
+            negative_prompt: str = "", progress: bool = False, **model_kwargs) -> torch.Tensor:
     """Encode the prompts with `text` (a source's text side, hub.LatentPipeline.text), and the negative prompt
-    when guiding, then integrate from noise x to data. `embedded_guidance`: a guidance-distilled model's scale
-    (FLUX-dev), given to the model as its `guidance` input; pass guidance 1 with it (no CFG batch)."""
-    if embedded_guidance is not None:
-        model_kwargs["guidance"] = embedded_guidance
+    when guiding, then integrate from noise x to data. A guidance-distilled model (FLUX-dev) gets `guidance` as
+    its input instead: no CFG batch."""
+    if takes_guidance(model):
+        model_kwargs["guidance"], guidance = guidance, 1.0
     cond = text(prompts)
     uncond = text([negative_prompt] * len(prompts)) if guidance != 1 else None
     x = x.to(next(model.parameters()).device)
@@ -209,13 +213,9 @@ def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int]
                                                           "pixels per token")
     shape = (channels, height // vae.cfg.downsample, width // vae.cfg.downsample)
     x = initial_noise(seeds, shape) if latents is None else latents
-    family = source_family(dit.cfg)
     sigmas = source_sigmas(steps, pipe.scheduler, (shape[1] // patch) * (shape[2] // patch),
-                           from_training_table=family == "sd3")
-    if family == "flux-dev":
-        x = denoise(dit, pipe.text, prompts, x, sigmas, 1.0, negative_prompt, progress, embedded_guidance=guidance)
-    else:
-        x = denoise(dit, pipe.text, prompts, x, sigmas, guidance, negative_prompt, progress)
+                           from_training_table=source_family(dit.cfg) == "sd3")
+    x = denoise(dit, pipe.text, prompts, x, sigmas, guidance, negative_prompt, progress)
     images = vae.decode(x.to(next(vae.parameters()).dtype)).float()
     return (images / 2 + 0.5).clamp(0, 1)
 
@@ -233,11 +233,7 @@ def sample_pixels(model, text, prompts: list[str], seeds: list[int], height: int
     check_size(height, width, patch, f"the pixel patch size {patch}")
     x = initial_noise(seeds, (3, height, width)) if noise is None else noise
     sigmas = source_sigmas(steps, {"shift": shift}, (height // patch) * (width // patch))
-    if source_family(model.cfg.backbone) == "flux-dev":  # guidance-distilled: the scale goes into the embedding
-        x = denoise(model, text, prompts, x, sigmas, 1.0, negative_prompt, progress, embedded_guidance=guidance,
-                    patch=patch)
-    else:
-        x = denoise(model, text, prompts, x, sigmas, guidance, negative_prompt, progress, patch=patch)
+    x = denoise(model, text, prompts, x, sigmas, guidance, negative_prompt, progress, patch=patch)
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -650,7 +646,7 @@ def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width
     if caption_tokens is None:  # Z-Image: the longest prompt's valid tokens
         caption_tokens = int(hub.load_tokenizer(text_root / "tokenizer")(prompts)[1].sum(1).max())
     guidance = args.guidance if args.guidance is not None else card.get("sample", {}).get("guidance", PIXEL_GUIDANCE)
-    guided = guidance != 1 and source_family(cfg.backbone) != "flux-dev"  # dev embeds its guidance: no CFG batch
+    guided = guidance != 1 and not getattr(cfg.backbone, "guidance_embeds", False)  # FLUX-dev: no CFG batch
     budget = memory_budget(device, args.memory_budget)
     tile, chunk = auto_memory_settings(cfg, params, height, width, patch, args.batch_size, guided,
                                        caption_tokens, dtype, budget, args.head_tile, args.attention_chunk)
