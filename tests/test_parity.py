@@ -94,9 +94,10 @@ def test_tokenization_matches_transformers_chat_template(pipeline_dir):
 
 @pytest.mark.parametrize("scheduler", [{"shift": 3.0, "use_dynamic_shifting": False},
                                        {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}])
-@pytest.mark.parametrize("steps,seq_len", [(4, 96), (8, 4096), (30, 16384)])
+@pytest.mark.parametrize("steps,seq_len", [(4, 96), (8, 4096), (30, 2500)])
 def test_schedule_matches_diffusers(scheduler, steps, seq_len):
-    """Sigmas as ZImagePipeline sets them: linspace(1, 1/N, N), shifted (or mu from the token count), then 0."""
+    """Sigmas as ZImagePipeline sets them: linspace(1, 1/N, N), shifted (or mu from the token count), then 0.
+    Up to max_image_seq_len (4096): past it our mu is bounded on purpose (sample.resolution_mu, test_highres)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 
