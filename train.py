@@ -17,7 +17,6 @@ resumes; SIGINT / SIGTERM saves a checkpoint at the end of the current step befo
 import argparse
 import hashlib
 import json
-import math
 import os
 import resource
 import signal

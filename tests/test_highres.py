@@ -1,15 +1,12 @@
 """High resolution: exact chunked attention and tiled head, large-patch embedders, a bounded shift."""
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import model
 import sample
 import transfer
 from model import DetailerHead, attention, attention_settings, key_padding_mask, patchify
