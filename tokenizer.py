@@ -105,6 +105,12 @@ def train_qwen_style_bpe(corpus: list[str], vocab_size: int) -> Tokenizer:
 # Qwen3 text encoder (transformers Qwen3Model), truncated to what Z-Image reads: hidden_states[-2]
 
 
+def config_fields(cls, d: dict) -> dict:
+    """The fields of config dataclass `cls` that a hub config.json sets (null counts as unset), lists as tuples."""
+    names = {f.name for f in fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names and v is not None}
+
+
 @dataclass(frozen=True)
 class Qwen3Config:
     """Fields of the hub's text_encoder/config.json (Qwen3-4B values as defaults)."""
@@ -126,8 +132,7 @@ class Qwen3Config:
             raise ValueError("Qwen3 config: only default RoPE and full attention are supported")
         if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias"):
             raise ValueError("Qwen3 config: expected hidden_act silu and no attention bias")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
+        kwargs = config_fields(cls, d)
         kwargs["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", cls.rope_theta))
         kwargs.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
         return cls(**kwargs)
@@ -337,9 +342,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPTextConfig":
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names and v is not None}
-        return cls(**kwargs, has_projection="CLIPTextModelWithProjection" in d.get("architectures", ()))
+        return cls(**config_fields(cls, d), has_projection="CLIPTextModelWithProjection" in d.get("architectures", ()))
 
 
 class CLIPOutput(NamedTuple):
@@ -461,8 +464,7 @@ class T5Config:
         if d.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
             raise ValueError(f"T5 config: feed_forward_proj {d['feed_forward_proj']!r} is not supported (expected "
                              "gated-gelu, as T5 v1.1)")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return cls(**config_fields(cls, d))
 
 
 def relative_position_bucket(relative: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -724,9 +726,7 @@ class VAEConfig:
     def from_dict(cls, d: dict) -> "VAEConfig":
         if d.get("act_fn", "silu") != "silu":
             raise ValueError(f"VAE config: act_fn {d['act_fn']!r} is not supported (expected silu)")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names and v is not None}
-        return cls(**kwargs)
+        return cls(**config_fields(cls, d))
 
 
 class ResnetBlock(nn.Module):
