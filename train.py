@@ -46,7 +46,7 @@ PAPER_LR, PAPER_WEIGHT_DECAY = 5e-5, 0.01  # paper Table 3, AdamW
 RUN_DEFINING = ("ckpt", "data", "batch_size", "world_size", "lr", "weight_decay", "warmup", "clip", "ema", "freeze",
                 "blocks", "head_widths", "init", "output", "patch", "patch_init", "seed", "fresh_noise",
                 "train_shift")
-PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "blocks": 5,
+PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "freeze": "released", "blocks": 5,
                   "head_widths": ",".join(map(str, HEAD_WIDTHS))}
 
 
@@ -226,7 +226,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (default: card, else 0 as the paper)")
     p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping; 0 = off (paper: off)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained tensors, e.g. 0.999; 0 = off")
-    p.add_argument("--freeze", default="released", help="freeze plan: released (default), paper or full")
+    p.add_argument("--freeze", help="freeze plan: released, paper or full (default: card, else released)")
     p.add_argument("--blocks", type=int, help="main blocks trained at each end (default: card, else the paper's n = 5)")
     p.add_argument("--head-widths", help="Detailer Head channels per stage (default: card, else 64,128,256,512)")
     p.add_argument("--init", default="transfer",

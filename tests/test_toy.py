@@ -46,7 +46,7 @@ def test_reduced_recipe_transfer_beats_scratch(tmp_path):
     data = tmp_path / "data"
     synth.synthesize(["--prompts", str(prompts), "--out", str(data), "--steps", "10", "--batch-size", "16"])
     specs, scores = shapes.evaluation_specs(4), {}
-    for init, freeze in (("transfer", "released"), ("scratch", "full")):
+    for init, freeze in (("transfer", "paper"), ("scratch", "full")):
         out = tmp_path / init
         train.train(["--data", str(data), "--out", str(out), "--init", init, "--freeze", freeze, "--steps", "120",
                      "--log-every", "40"])
