@@ -187,7 +187,8 @@ def transfer(source: ZImageDiT | SD3MMDiT | FluxDiT, plan: FreezePlan = FreezePl
     trainable, total = apply_freeze_plan(model, plan)
     if verbose:
         print(f"transfer: copied {copied} source tensors; new: {len(new)} backbone tensors "
-              f"({', '.join(sorted({n.rsplit('.', 1)[0] for n in new}))}) and the Detailer Head; "
+              f"({', '.join(sorted({n.rsplit('.', 1)[0] for n in new}))})"
+              f"{' and the Detailer Head' if output == 'detailer' else ''}; "
               f"dropped {len(dropped)} ({', '.join(sorted({k.split('.')[0] for k in dropped}))})")
         print(f"transfer: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
     return model

@@ -1,6 +1,7 @@
 """The whole recipe on SD3 and FLUX sources: synth, transfer, 20 training steps, pixel sampling (tiny models)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,19 @@ def test_pixel_dry_run_estimates_memory(recipe_run, capsys):
                  "--device", "cpu", "--dtype", "fp32"])
     err = capsys.readouterr().err
     assert "patch 16" in err and "total" in err
+
+
+def test_dry_run_caps_the_head_tile_on_cpu(recipe_run, capsys):
+    """On CPU the head tile is at most CPU_HEAD_TILE (faster there), a tight budget still shrinks it, and a
+    given --head-tile is kept."""
+    _, _, run = recipe_run
+
+    def tile(*flags):
+        sample.main(["--ckpt", str(run), "--prompt", PROMPTS[0], "--h", "2048", "--w", "2048", "--dry-run",
+                     "--device", "cpu", "--dtype", "fp32", *flags])
+        return re.search(r"head tile (\w+)", capsys.readouterr().err).group(1)
+
+    assert tile() == str(sample.CPU_HEAD_TILE)
+    assert int(tile("--memory-budget", "0.2")) < sample.CPU_HEAD_TILE
+    assert tile("--head-tile", "0") == "None"
+    assert tile("--head-tile", "2048") == "2048"
