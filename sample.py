@@ -373,11 +373,11 @@ EULER_IMAGE_COPIES = 8  # fp32 images alive in a guided step: x, the CFG batch (
 BLOCK_ACTIVATIONS = 12  # (tokens x dim) tensors alive inside a block: residual, norm, q, k, v, attention, 2 x 8/3 MLP
 HEAD_SHARE = 0.25  # of the memory budget, for the Detailer Head's full-resolution activations (and attention's)
 TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128)
-# On a CPU the head tile stays at most this, whatever the memory budget allows: smaller tiles are faster there.
-# Toy model at 4096^2, bf16, 2-core Xeon: the head alone (CFG batch) took 10.5 s at tile 2048, 6.9 s at 1024,
-# 5.7 s at 512 and 6.4 s at 256 (glibc maps every large block fresh; the 64-px halo is recomputed per tile);
-# a whole image 178 s at 2048, 161 s at 1024. With --keep-freed-memory a step took a steady 3.9 s at 1024,
-# 5 s at 512, and at 2048 the heap fragmented: steps of 4 to 9 s.
+# On a CPU the head tile stays at most this, whatever the memory budget allows: large tiles are slow there.
+# Toy model at 4096^2, bf16, 2-core Xeon, the head alone (CFG batch): tile 2048 10.5 s, 1024 6.9 s, 512 5.7 s,
+# 256 6.4 s (glibc maps every large block fresh; smaller tiles recompute more of the 64-px halo). With
+# --keep-freed-memory a whole step took 3.9 s at 1024 and 5 s at 512, and at 2048 the heap fragmented (steps
+# of 4 to 9 s); 1024 is the best with the flag and close to it without.
 CPU_HEAD_TILE = 1024
 
 
