@@ -420,7 +420,7 @@ def fmt(scores: dict) -> str:
 TOY_RECIPE = {  # assets/toy-zimage/l2p.json: the defaults synth.py, train.py and sample.py take for this source
     "size": [NATIVE, NATIVE],
     "synth": {"prompts": "prompts.txt", "steps": 20, "guidance": 3.0, "images_per_prompt": 2},
-    "train": {"steps": 2000, "batch_size": 8, "lr": 3e-4, "warmup": 50, "freeze": "paper", "blocks": 1,
+    "train": {"steps": 2000, "batch_size": 8, "lr": 6e-4, "warmup": 50, "freeze": "paper", "blocks": 1,
               "head_widths": "16,32,64,128"},
     "sample": {"steps": 20, "guidance": 3.0, "shift": TOY_SHIFT,
                "prompts": ["a red circle", "two blue squares", "a green triangle to the left of a yellow circle",
