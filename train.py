@@ -43,11 +43,11 @@ TRAIN_GRID = 500  # the released loss calls set_timesteps(500) and draws one ind
 TRAIN_SHIFT = 3.0
 PAPER_LR, PAPER_WEIGHT_DECAY = 5e-5, 0.01  # paper Table 3, AdamW
 # Arguments that define a run: a resume must repeat them (the rest, like --steps, may change).
-RUN_DEFINING = ("ckpt", "data", "batch_size", "world_size", "lr", "weight_decay", "warmup", "clip", "ema", "freeze",
-                "blocks", "head_widths", "init", "output", "patch", "patch_init", "seed", "fresh_noise",
+RUN_DEFINING = ("ckpt", "data", "batch_size", "world_size", "lr", "weight_decay", "warmup", "cooldown", "clip", "ema",
+                "freeze", "blocks", "head_widths", "init", "output", "patch", "patch_init", "seed", "fresh_noise",
                 "train_shift")
-PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "freeze": "released", "blocks": 5,
-                  "head_widths": ",".join(map(str, HEAD_WIDTHS))}
+PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "cooldown": 0, "freeze": "released",
+                  "blocks": 5, "head_widths": ",".join(map(str, HEAD_WIDTHS))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,6 +224,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help=f"AdamW learning rate (default: card, else the paper's {PAPER_LR})")
     p.add_argument("--weight-decay", type=float, default=PAPER_WEIGHT_DECAY, help="AdamW weight decay (paper: 0.01)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (default: card, else 0 as the paper)")
+    p.add_argument("--cooldown", type=int,
+                   help="the last K steps decay the lr linearly to 0 (warm-up, stable, decay); default: card, else 0 "
+                        "(the paper's constant lr)")
     p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping; 0 = off (paper: off)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained tensors, e.g. 0.999; 0 = off")
     p.add_argument("--freeze", help="freeze plan: released, paper or full (default: card, else released)")
@@ -349,6 +352,15 @@ def train(argv=None) -> dict:
     return {"step": step + len(losses), "losses": losses, "out": out}
 
 
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up over --warmup steps, constant, then a linear cool-down to 0 over the last --cooldown
+    steps (the warm-up-stable-decay schedule); the paper's is constant."""
+    scale = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
+    if args.cooldown:
+        scale = min(scale, (args.steps - step) / args.cooldown)
+    return args.lr * scale
+
+
 def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text, device, compute_dtype, out,
               rank, world, stop, keep=()) -> list[float]:
     """The training loop from `step` to --steps; returns the per-step losses averaged over ranks."""
@@ -377,7 +389,7 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(trained, args.clip)
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            group["lr"] = learning_rate(step, args)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:

@@ -1,5 +1,6 @@
 """The L2P recipe end to end on a tiny source: transfer, synth, train (DDP, resume), pixel sampling."""
 
+import argparse
 import io
 import json
 import os
@@ -230,6 +231,13 @@ def test_resume_is_bit_exact(pipeline_dir, corpus, tmp_path):
         a = load_file(tmp_path / "straight" / "step-000006" / file)
         b = load_file(tmp_path / "resumed" / "step-000006" / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+
+
+def test_learning_rate_warms_up_holds_and_cools_down():
+    args = argparse.Namespace(lr=1.0, warmup=2, cooldown=4, steps=10)
+    assert [train.learning_rate(step, args) for step in range(10)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    args.cooldown = 0  # the paper's constant lr after the warm-up
+    assert [train.learning_rate(step, args) for step in range(4)] == [0.5, 1, 1, 1]
 
 
 def test_mixed_precision_path_on_cpu(pipeline_dir, corpus, tmp_path):
