@@ -225,8 +225,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=PAPER_WEIGHT_DECAY, help="AdamW weight decay (paper: 0.01)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (default: card, else 0 as the paper)")
     p.add_argument("--cooldown", type=int,
-                   help="the last K steps decay the lr linearly to 0 (warm-up, stable, decay); default: card, else 0 "
-                        "(the paper's constant lr)")
+                   help="the last K steps before --steps decay the lr linearly to 0 (warm-up, stable, decay), so a "
+                        "resume with other --steps moves the decay; default: card, else 0 (the paper's constant lr)")
     p.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping; 0 = off (paper: off)")
     p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the trained tensors, e.g. 0.999; 0 = off")
     p.add_argument("--freeze", help="freeze plan: released, paper or full (default: card, else released)")
@@ -286,6 +286,8 @@ def train(argv=None) -> dict:
     args.world_size, args.global_batch = world, world * args.batch_size
     if min(args.steps, args.batch_size, args.save_every, args.log_every) < 1:
         raise ValueError("--steps, --batch-size, --save-every and --log-every must be at least 1")
+    if min(args.warmup, args.cooldown) < 0:
+        raise ValueError("--warmup and --cooldown must be at least 0")
     plan = transfer.make_plan(args.freeze, args.blocks)
     try:
         head_widths = tuple(int(w) for w in args.head_widths.split(","))
