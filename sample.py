@@ -349,8 +349,9 @@ def load_model(ckpt: str, dtype=torch.float32, device="cpu", *, source: str | No
         return ImageModel("latent", hub.recipe_card(ckpt), pipe=hub.load_pipeline(ckpt, dtype, device,
                                                                                     transformer=transformer))
     model, meta = transfer.load_pixel_model(ckpt, dtype, device, source=source, ema=ema)
-    text = hub.load_pipeline(meta["source"]["id"], dtype, device, parts=("text",))
-    return ImageModel("pixel", hub.recipe_card(meta["source"]["id"]), pipe=text, pixel_model=model)
+    source = source or meta["source"]["id"]  # --source: where the recorded source lives now
+    text = hub.load_pipeline(source, dtype, device, parts=("text",))
+    return ImageModel("pixel", hub.recipe_card(source), pipe=text, pixel_model=model)
 
 
 def generate(ckpt: str, prompt: str, seed: int = 42, height: int | None = None, width: int | None = None,

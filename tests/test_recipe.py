@@ -4,6 +4,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -367,6 +368,18 @@ def test_trained_weights_on_another_source(pipeline_dir, corpus, tmp_path):
     with pytest.raises(hub.CheckpointError, match=r"model.safetensors: trained on source .* whose transformer "
                                                   r"weights hash to \w+…, but .*other hashes to"):
         transfer.load_pixel_model(str(tmp_path / "run"), source=str(other))
+
+
+def test_run_samples_after_its_source_moved(pipeline_dir, corpus, tmp_path):
+    """--source stands in for the recorded source everywhere: the base weights and the text encoder."""
+    moved = tmp_path / "source"
+    shutil.copytree(pipeline_dir, moved)
+    train.train(train_args(moved, corpus, tmp_path / "run", "--steps", "1"))
+    shutil.rmtree(moved)
+    png = tmp_path / "moved.png"
+    sample.main(["--ckpt", str(tmp_path / "run"), "--source", str(pipeline_dir), "--prompt", "a red circle",
+                 *SIZE, "--steps", "2", "--out", str(png)])
+    assert Image.open(png).size == (int(SIZE[3]), int(SIZE[1]))
 
 
 def test_output_folder_that_cannot_be_written(pipeline_dir, corpus, tmp_path):
