@@ -908,13 +908,10 @@ class DetailerHead(nn.Module):
         if tile % HEAD_POOL:
             raise ValueError(f"head tile {tile} must be a multiple of {HEAD_POOL}")
         out = torch.empty(x.shape[0], self.out_conv.out_channels, H, W, dtype=x.dtype, device=x.device)
-        # Every window has the same size: at the image's far edges it slides inward (more context, never less),
-        # so each tile allocates the same tensors and the allocator reuses them instead of fragmenting.
-        window_h, window_w = min(tile + 2 * HEAD_HALO, H), min(tile + 2 * HEAD_HALO, W)
         for top in range(0, H, tile):
             for left in range(0, W, tile):
-                y0, x0 = min(max(top - HEAD_HALO, 0), H - window_h), min(max(left - HEAD_HALO, 0), W - window_w)
-                y1, x1 = y0 + window_h, x0 + window_w
+                y0, x0 = max(top - HEAD_HALO, 0), max(left - HEAD_HALO, 0)
+                y1, x1 = min(top + tile + HEAD_HALO, H), min(left + tile + HEAD_HALO, W)
                 # in training each tile is recomputed in the backward pass, so only one tile's activations live
                 part = run_block(self.run, self.gradient_checkpointing, x[:, :, y0:y1, x0:x1], features, (y0, x0),
                                  (H, W))
