@@ -518,9 +518,9 @@ def defaults_help(key: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=str(DEFAULT_RUN),
-                   help="an L2P checkpoint (train.py run folder, trained-tensor or standalone file, or the official "
-                        "release, e.g. zhen-nan/L2P/model-1k-merge.safetensors), or a latent source pipeline "
-                        "(hub id or diffusers folder); default: runs/l2p, where train.py writes")
+                   help="an L2P checkpoint (train.py run folder or one of its step-NNNNNN folders, trained-tensor or "
+                        "standalone file, or the official release, e.g. zhen-nan/L2P/model-1k-merge.safetensors), or a "
+                        "latent source pipeline (hub id or diffusers folder); default: runs/l2p, where train.py writes")
     p.add_argument("--source", help="L2P: where base weights and the text encoder come from (default: as recorded)")
     p.add_argument("--transformer", help="latent source: replace its transformer with this folder or single file")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")

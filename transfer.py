@@ -252,9 +252,12 @@ def is_official_release(tensors: dict) -> bool:
 
 
 def checkpoint_file(ckpt: str, ema: bool = True) -> Path:
-    """A checkpoint argument -> one safetensors file: a training run folder gives its latest checkpoint."""
+    """A checkpoint argument -> one safetensors file: a training run folder gives its latest checkpoint, one of
+    its step-NNNNNN folders that checkpoint."""
     path = hub.resolve(ckpt)
-    return latest_checkpoint(path, ema) if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return step_checkpoint(path, ema) if (path / "model.safetensors").is_file() else latest_checkpoint(path, ema)
 
 
 def tensor_names(path: Path) -> set[str]:
@@ -266,8 +269,13 @@ def latest_checkpoint(folder: Path, ema: bool = True) -> Path:
     """A training run folder -> its latest checkpoint file (the EMA weights when present and wanted)."""
     pointer = folder / "latest"
     if not pointer.is_file():
-        raise hub.CheckpointError(f"{folder}: no `latest` file, so not a training run folder of train.py")
-    step_dir = folder / pointer.read_text().strip()
+        raise hub.CheckpointError(f"{folder}: no `latest` file and no model.safetensors, so neither a training run "
+                                  "folder of train.py nor one of its step-NNNNNN checkpoints")
+    return step_checkpoint(folder / pointer.read_text().strip(), ema)
+
+
+def step_checkpoint(step_dir: Path, ema: bool = True) -> Path:
+    """A step-NNNNNN checkpoint folder -> its EMA weights when present and wanted, else its raw weights."""
     path = step_dir / "ema.safetensors"
     return path if ema and path.is_file() else step_dir / "model.safetensors"
 

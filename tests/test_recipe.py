@@ -251,6 +251,19 @@ def test_mixed_precision_path_on_cpu(pipeline_dir, corpus, tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
+def test_a_step_folder_loads_its_own_checkpoint(pipeline_dir, corpus, tmp_path):
+    """`--ckpt runs/x/step-000001` means that checkpoint, not the run's latest."""
+    train.train(train_args(pipeline_dir, corpus, tmp_path / "run", "--steps", "2", "--save-every", "1"))
+    first = load_file(tmp_path / "run" / "step-000001" / "model.safetensors")
+    from_step, _ = transfer.load_pixel_model(str(tmp_path / "run" / "step-000001"))
+    from_run, _ = transfer.load_pixel_model(str(tmp_path / "run"))  # the latest: step 2
+    step_params, run_params = dict(from_step.named_parameters()), dict(from_run.named_parameters())
+    assert all(torch.equal(step_params[name], t) for name, t in first.items())
+    assert not all(torch.equal(run_params[name], t) for name, t in first.items())
+    with pytest.raises(hub.CheckpointError, match="neither a training run folder"):
+        transfer.load_pixel_model(str(tmp_path))
+
+
 def test_sigterm_saves_and_the_rerun_finishes(pipeline_dir, corpus, tmp_path):
     out = tmp_path / "run"
     proc = run_script("train.py", *train_args(pipeline_dir, corpus, out, "--steps", "500", "--save-every", "1000"),
