@@ -537,7 +537,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (consecutive seeds)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward batch")
-    p.add_argument("--no-ema", action="store_true", help="L2P run folder: use the raw weights, not the EMA")
+    p.add_argument("--no-ema", action="store_true", help="L2P run or step folder: use the raw weights, not the EMA")
     p.add_argument("--patch", type=int, help="L2P: patch size (default: the smallest keeping the native token grid)")
     p.add_argument("--head-tile", type=int, help="L2P: Detailer Head tile in pixels, 0 = untiled "
                                                  "(default: from the memory budget; on CPU at most "
