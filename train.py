@@ -252,7 +252,8 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept; 0 = all")
     p.add_argument("--log-every", type=int, default=10, help="log every K steps")
     p.add_argument("--device", default="auto", help="auto (CUDA device LOCAL_RANK when present), cpu")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 autocast on CUDA and on CPUs that compute bf16 natively, "
+                        "AMX or AVX512-BF16; fp32 on other CPUs), bf16, fp16, fp32")
     return p.parse_args(argv)
 
 
@@ -299,7 +300,7 @@ def train(argv=None) -> dict:
     resume_from = check_resume(out, args)
     device = torch.device(f"cuda:{local_rank}" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    _, compute_dtype = sample.pick_device_dtype(str(device), args.dtype)
+    _, compute_dtype = sample.pick_device_dtype(str(device), args.dtype, bf16_on_cpu=True)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -310,7 +311,7 @@ def train(argv=None) -> dict:
     # The model: source -> transfer (or an earlier L2P stage). Trained tensors in float32 (master weights),
     # frozen ones in the compute dtype.
     source = hub.load_pipeline(args.ckpt, compute_dtype, device, parts=("transformer",))
-    keep = ()
+    keep, full_precision = (), set()
     if args.init in ("transfer", "scratch"):
         model = transfer.transfer(source.transformer, plan, head_widths, seed=args.seed, verbose=rank == 0,
                                   copy=args.init == "transfer", output=args.output)
@@ -322,12 +323,15 @@ def train(argv=None) -> dict:
         # what the earlier stage changed stays in our checkpoints even where this stage freezes it
         keep = (transfer.tensor_names(transfer.checkpoint_file(args.init, ema=False)) if meta["kind"] == "trained"
                 else set(dict(model.named_parameters())))
+        # ... and exactly: the earlier stage's trained tensors stay float32 where this stage freezes them (a
+        # standalone file's tensors are cast like the source's, to the precision it was exported at anyway)
+        full_precision = keep if meta["kind"] == "trained" else set()
         transfer.apply_freeze_plan(model, plan)
     del source.transformer
     model = transfer.add_patch_sizes(model, (args.patch,), args.patch_init)
     model.head_tile = args.head_tile
-    for p in model.parameters():
-        p.data = p.data.to(device, torch.float32 if p.requires_grad else compute_dtype)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(device, torch.float32 if p.requires_grad or name in full_precision else compute_dtype)
     model.set_gradient_checkpointing(args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and device.type == "cuda"))
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
