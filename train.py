@@ -252,8 +252,8 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept; 0 = all")
     p.add_argument("--log-every", type=int, default=10, help="log every K steps")
     p.add_argument("--device", default="auto", help="auto (CUDA device LOCAL_RANK when present), cpu")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 autocast on CUDA and on CPUs that compute bf16 natively, "
-                        "AMX or AVX512-BF16; fp32 on other CPUs), bf16, fp16, fp32")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto (bf16 autocast on CUDA and on CPUs that compute "
+                                                   "bf16 natively, AMX or AVX512-BF16; fp32 on other CPUs), bf16, fp16, fp32")
     return p.parse_args(argv)
 
 
@@ -308,8 +308,8 @@ def train(argv=None) -> dict:
     if rank == 0 and resume_from is None:
         sample.write_text_atomic(out / "args.json", json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
 
-    # The model: source -> transfer (or an earlier L2P stage). Trained tensors in float32 (master weights),
-    # frozen ones in the compute dtype.
+    # The model: source -> transfer (or an earlier L2P stage). Trained tensors in float32 (master weights), and
+    # those an earlier stage trained; other frozen ones in the compute dtype.
     source = hub.load_pipeline(args.ckpt, compute_dtype, device, parts=("transformer",))
     keep, full_precision = (), set()
     if args.init in ("transfer", "scratch"):
@@ -320,12 +320,12 @@ def train(argv=None) -> dict:
         recorded = meta["source"].get("transformer_sha256")
         if recorded and recorded != source.transformer_sha256:
             raise hub.CheckpointError(f"--init {args.init}: built on other source weights than --ckpt {args.ckpt}")
-        # what the earlier stage changed stays in our checkpoints even where this stage freezes it
-        keep = (transfer.tensor_names(transfer.checkpoint_file(args.init, ema=False)) if meta["kind"] == "trained"
-                else set(dict(model.named_parameters())))
-        # ... and exactly: the earlier stage's trained tensors stay float32 where this stage freezes them (a
-        # standalone file's tensors are cast like the source's, to the precision it was exported at anyway)
-        full_precision = keep if meta["kind"] == "trained" else set()
+        # What the earlier stage changed stays in our checkpoints even where this stage freezes it, exactly: its
+        # trained tensors stay float32 (a standalone file's are cast like the source's; it is bf16 by default).
+        if meta["kind"] == "trained":
+            keep = full_precision = transfer.tensor_names(transfer.checkpoint_file(args.init, ema=False))
+        else:
+            keep = set(dict(model.named_parameters()))
         transfer.apply_freeze_plan(model, plan)
     del source.transformer
     model = transfer.add_patch_sizes(model, (args.patch,), args.patch_init)
