@@ -171,7 +171,7 @@ def keep_freed_memory() -> None:
     glibc serves every block above 32 MiB with a fresh mmap and unmaps it when freed, so each such tensor costs
     a page fault per 4 KiB when first written. On a CPU at 4K nearly every activation is that large; with
     mmap off and no trimming the toy model's 4K image took 80 s instead of 161 s. The price: the heap keeps
-    what fragments, so the peak RSS ran 1.2-1.6x the --dry-run estimate (README, "High resolution"), which
+    what fragments, so the peak RSS ran 1.6-1.9x the --dry-run estimate (README, "High resolution"), which
     is why it is a flag. CUDA tensors do not use malloc, so this only matters on CPU."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -370,7 +370,6 @@ def generate(ckpt: str, prompt: str, seed: int = 42, height: int | None = None, 
 # Memory: what sampling a pixel model holds at its peak, to choose tiles and chunks and for --dry-run
 
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-EULER_IMAGE_COPIES = 8  # fp32 images alive in a guided step: x, the CFG batch (2), the model output (2), v (3 temps)
 BLOCK_ACTIVATIONS = 12  # (tokens x dim) tensors alive inside a block: residual, norm, q, k, v, attention, 2 x 8/3 MLP
 HEAD_SHARE = 0.25  # of the memory budget, for the Detailer Head's full-resolution activations (and attention's)
 TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128)
@@ -380,6 +379,22 @@ TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128)
 # --keep-freed-memory a whole step took 3.9 s at 1024 and 5 s at 512, and at 2048 the heap fragmented (steps
 # of 4 to 9 s); 1024 is the best with the flag and close to it without.
 CPU_HEAD_TILE = 1024
+
+
+def sampler_image_bytes(batch: int, pixels: int, dtype: torch.dtype, guided: bool) -> int:
+    """Full-size images alive at the peak of a sampling step (guided_velocity inside euler_sample).
+
+    Guided, at the lerp: Euler's float32 x, its compute-dtype copy, the CFG batch (2) and the model's output (2),
+    the two output halves cast to float32 and the lerp's result. Unguided, at Euler's update: x, v and the new x
+    (the model's input and output copies are never alive together with all three). In float32 the casts are no-ops.
+    """
+    rgb = batch * 3 * pixels
+    if not guided:
+        return 3 * rgb * 4
+    cast = dtype != torch.float32
+    float32_copies = 2 + (2 if cast else 0)
+    compute_copies = 4 + (1 if cast else 0)
+    return rgb * (4 * float32_copies + BYTES[dtype] * compute_copies)
 
 
 def head_activation_bytes(widths, area: int, batch: int, dtype_bytes: int) -> int:
@@ -394,8 +409,13 @@ def attention_heads(backbone_cfg) -> int:
 
 
 def memory_estimate(cfg, params: int, height: int, width: int, patch: int, batch: int, guided: bool,
-                    caption_tokens: int, tile: int | None, chunk: int | None, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes per component of a pixel model's sampling step at its peak (upper bounds, see the constants)."""
+                    caption_tokens: int, tile: int | None, chunk: int | None, dtype: torch.dtype,
+                    math_attention: bool = False) -> dict[str, int]:
+    """Bytes per component of a pixel model's sampling step, each at its own peak (summed: an upper bound).
+
+    Attention scores count only under SDPA's math backend: the fused kernels that `auto` picks (flash on CPU;
+    flash, cuDNN or efficient on CUDA) never hold the (queries x keys) matrix (measured on CPU: 8192 tokens
+    x 8 heads x batch 2 with a padding mask added 0.02 GiB, where the scores would be 4 GiB)."""
     from model import HEAD_HALO, ZIMAGE_SEQ_MULTIPLE, round_up
 
     b, size = batch * (2 if guided else 1), BYTES[dtype]
@@ -407,20 +427,23 @@ def memory_estimate(cfg, params: int, height: int, width: int, patch: int, batch
     area = height * width if not tile else min(tile + 2 * HEAD_HALO, height) * min(tile + 2 * HEAD_HALO, width)
     return {
         "weights": params * size,
-        "images": EULER_IMAGE_COPIES * batch * 3 * height * width * 4,
+        "images": sampler_image_bytes(batch, height * width, dtype, guided),
         "transformer": b * tokens * bb.dim * size * BLOCK_ACTIVATIONS,
-        "attention scores": b * attention_heads(bb) * min(tokens, chunk or tokens) * tokens * 4,
+        "attention scores": (b * attention_heads(bb) * min(tokens, chunk or tokens) * tokens * 4
+                             if math_attention else 0),
         "feature map": b * bb.dim * (height // 16) * (width // 16) * size,
-        "head": head_activation_bytes(cfg.head_widths, area, b, size) + (b * 3 * height * width * size if tile else 0),
+        "head": head_activation_bytes(cfg.head_widths, area, b, size),  # its full-size output is one of "images"
     }
 
 
 def auto_memory_settings(cfg, params, height, width, patch, batch, guided, caption_tokens, dtype, budget: int,
-                         tile: int | None = None, chunk: int | None = None) -> tuple[int | None, int | None]:
+                         tile: int | None = None, chunk: int | None = None, math_attention: bool = False
+                         ) -> tuple[int | None, int | None]:
     """Head tile and attention query chunk that fit HEAD_SHARE of `budget` each; given values are kept
-    (0 means off)."""
+    (0 means off). A chunk is only ever needed under the math backend (see memory_estimate)."""
     def estimate(t, c):
-        return memory_estimate(cfg, params, height, width, patch, batch, guided, caption_tokens, t, c, dtype)
+        return memory_estimate(cfg, params, height, width, patch, batch, guided, caption_tokens, t, c, dtype,
+                               math_attention)
 
     share = HEAD_SHARE * budget
     if tile is None and estimate(None, None)["head"] > share:
@@ -542,15 +565,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-tile", type=int, help="L2P: Detailer Head tile in pixels, 0 = untiled "
                                                  "(default: from the memory budget; on CPU at most "
                                                  f"{CPU_HEAD_TILE}, which is faster)")
-    p.add_argument("--attention-chunk", type=int, help="queries per attention call, 0 = all "
-                                                       "(default: from the memory budget)")
+    p.add_argument("--attention-chunk", type=int, help="queries per attention call, 0 = all (default: from the "
+                                                       "memory budget under --sdpa-backend math, else all: the "
+                                                       "fused kernels hold no score matrix)")
     p.add_argument("--sdpa-backend", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"),
-                   help="CUDA: restrict scaled_dot_product_attention to one backend")
+                   help="restrict scaled_dot_product_attention to one backend (all but math need CUDA)")
     p.add_argument("--memory-budget", type=float, help="GiB that tiles and chunks are chosen for "
                                                        "(default: 90%% of the GPU, 80%% of available RAM)")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="CPU, glibc: keep freed memory for reuse instead of mapping it fresh for every large tensor; "
-                        "a toy 4K image about 2x faster, but the peak then exceeds --dry-run's estimate by up to 1.6x")
+                        "a toy 4K image about 2x faster, but the peak then exceeds --dry-run's estimate by up to 1.9x")
     p.add_argument("--dry-run", action="store_true",
                    help="L2P: print the estimated peak memory and the chosen patch, shift, tile and chunk; read no weights")
     p.add_argument("--out", type=Path, help="a .png file (one image) or a folder (default: sample.png or samples/)")
@@ -636,6 +660,7 @@ def main(argv=None) -> list[Path]:
             save_png(to_pil(image), path, settings)
             written.append(path)
             print(f"wrote {path}", file=sys.stderr)
+        del images, image  # or the next batch samples with these alive (0.19 GiB per 4K image)
     if plan:
         print("peak memory:", file=sys.stderr)
         print_memory(plan["parts"], plan["baseline"], peak_memory(device))
@@ -683,12 +708,14 @@ def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width
     guidance = args.guidance if args.guidance is not None else card.get("sample", {}).get("guidance", PIXEL_GUIDANCE)
     guided = guidance != 1 and not getattr(cfg.backbone, "guidance_embeds", False)  # FLUX-dev: no CFG batch
     budget = memory_budget(device, args.memory_budget)
+    math_attention = args.sdpa_backend == "math"
     tile, chunk = auto_memory_settings(cfg, params, height, width, patch, args.batch_size, guided,
-                                       caption_tokens, dtype, budget, args.head_tile, args.attention_chunk)
+                                       caption_tokens, dtype, budget, args.head_tile, args.attention_chunk,
+                                       math_attention)
     if args.head_tile is None and device.type == "cpu" and max(height, width) > CPU_HEAD_TILE:
         tile = min(tile or CPU_HEAD_TILE, CPU_HEAD_TILE)  # for speed, see CPU_HEAD_TILE
     parts = memory_estimate(cfg, params, height, width, patch, args.batch_size, guided, caption_tokens, tile,
-                            chunk, dtype)
+                            chunk, dtype, math_attention)
     baseline = 0 if device.type == "cuda" else peak_memory(device)
     return {"patch": patch, "shift": shift, "tile": tile, "chunk": chunk, "parts": parts, "baseline": baseline}
 

@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ PROMPTS = ["a red circle", "two blue squares"]
 SIZE = ["--h", "32", "--w", "48"]  # multiples of the 16-px pixel patch and of the tiny VAE x patch
 STEPS = 20
 HEAD = "8,16,32,64"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux-dev", "flux-schnell"])
@@ -83,6 +86,18 @@ def test_pixel_dry_run_estimates_memory(recipe_run, capsys):
     assert "patch 16" in err and "total" in err
 
 
+def test_measured_peak_is_within_a_quarter_of_the_estimate(recipe_run, tmp_path):
+    """Issue 5's bound at a size where the full-size images and the head tiles dominate: sample.py, in its own
+    process (the peak is the process's maximum RSS), prints the estimate and the measured peak."""
+    _, _, run = recipe_run
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(run), "--prompt", PROMPTS[0], "--h", "2048",
+                             "--w", "2048", "--steps", "2", "--guidance", "2", "--out", str(tmp_path / "x.png"),
+                             "--device", "cpu", "--dtype", "fp32"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    share = int(re.search(r"measured peak .*\((\d+)% of the estimate\)", result.stderr).group(1))
+    assert 75 <= share <= 125, result.stderr
+
+
 def test_dry_run_caps_the_head_tile_on_cpu(recipe_run, capsys):
     """On CPU the head tile is at most CPU_HEAD_TILE (faster there), a tight budget still shrinks it, and a
     given --head-tile is kept."""
@@ -97,3 +112,20 @@ def test_dry_run_caps_the_head_tile_on_cpu(recipe_run, capsys):
     assert int(tile("--memory-budget", "0.2")) < sample.CPU_HEAD_TILE
     assert tile("--head-tile", "0") == "None"
     assert tile("--head-tile", "2048") == "2048"
+
+
+def test_attention_chunk_only_for_the_math_backend(recipe_run, capsys):
+    """The fused SDPA kernels hold no score matrix, so only the math backend is given a query chunk (and its
+    scores are counted)."""
+    _, _, run = recipe_run
+
+    def plan(*flags):
+        sample.main(["--ckpt", str(run), "--prompt", PROMPTS[0], "--h", "2048", "--w", "2048", "--dry-run",
+                     "--memory-budget", "0.05", "--device", "cpu", "--dtype", "fp32", *flags])
+        err = capsys.readouterr().err
+        scores = float(re.search(r"attention scores\s+([\d.]+) GiB", err).group(1))
+        return re.search(r"attention chunk (\w+)", err).group(1), scores
+
+    assert plan() == ("None", 0.0)
+    chunk, scores = plan("--sdpa-backend", "math")
+    assert chunk != "None" and scores > 0
