@@ -475,8 +475,10 @@ def build_source(args) -> Path:
 
 def evaluate(model: "sample.ImageModel", specs: list[Spec], seeds: int, steps: int, guidance: float,
              shift: float | None, size: int = NATIVE, batch: int = 32) -> tuple[dict, list[Image.Image], list[Spec]]:
-    """Sample every spec with `seeds` seeds (seed k of every prompt is k) and judge them with ShapeEval."""
-    jobs = [(spec, k) for k in range(seeds) for spec in specs]
+    """Sample every spec with `seeds` seeds and judge them with ShapeEval. Every image gets its own seed (round k,
+    item i: k * len(specs) + i): the world has few distinct prompts per category (single object: 3 of 10), and
+    with one seed per round for all of them, repeats of a prompt were one image counted several times."""
+    jobs = [(spec, k * len(specs) + i) for k in range(seeds) for i, spec in enumerate(specs)]
     images = []
     for i in range(0, len(jobs), batch):
         chunk = jobs[i:i + batch]
