@@ -13,7 +13,6 @@ an image depends on its own seed only: not on batch size, world size or device.
 """
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -23,6 +22,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+# On a CPU at 4K nearly every activation is a fresh block of tens of MiB, and glibc maps each one anew: a page
+# fault per 4 KiB when it is first written. PyTorch backs its CPU tensors of 2 MiB and more with transparent huge
+# pages (2 MiB each) when THP_MEM_ALLOC_ENABLE is set: the toy 4K command 1.15x faster at the same peak (README,
+# "CPU allocator"). PyTorch reads the variable once, so it is set before torch is imported; a user's value wins.
+if __name__ == "__main__":
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
 import torch
@@ -160,25 +166,6 @@ def euler_sample(velocity, x: torch.Tensor, sigmas: torch.Tensor, progress: bool
     if progress:
         print(file=sys.stderr)
     return x
-
-
-GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
-
-
-def keep_freed_memory() -> None:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
-
-    glibc serves every block above 32 MiB with a fresh mmap and unmaps it when freed, so each such tensor costs
-    a page fault per 4 KiB when first written. On a CPU at 4K nearly every activation is that large; with
-    mmap off and no trimming the toy model's 4K image took 80 s instead of 161 s. The price: the heap keeps
-    what fragments, so the peak RSS ran 1.6-1.9x the --dry-run estimate (README, "High resolution"), which
-    is why it is a flag. CUDA tensors do not use malloc, so this only matters on CPU."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl): its allocator is left as it is
-        return
-    libc.mallopt(GLIBC_M_MMAP_MAX, 0)
-    libc.mallopt(GLIBC_M_TRIM_THRESHOLD, 2**31 - 1)  # the largest value mallopt takes (an int)
 
 
 def check_size(height: int, width: int, multiple: int, what: str) -> None:
@@ -374,10 +361,10 @@ BLOCK_ACTIVATIONS = 12  # (tokens x dim) tensors alive inside a block: residual,
 HEAD_SHARE = 0.25  # of the memory budget, for the Detailer Head's full-resolution activations (and attention's)
 TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128)
 # On a CPU the head tile stays at most this, whatever the memory budget allows: large tiles are slow there.
-# Toy model at 4096^2, bf16, 2-core Xeon, the head alone (CFG batch): tile 2048 10.5 s, 1024 6.9 s, 512 5.7 s,
-# 256 6.4 s (glibc maps every large block fresh; smaller tiles recompute more of the 64-px halo). With
-# --keep-freed-memory a whole step took 3.9 s at 1024 and 5 s at 512, and at 2048 the heap fragmented (steps
-# of 4 to 9 s); 1024 is the best with the flag and close to it without.
+# Toy model at 4096^2, bf16, 2-core Xeon, the head alone (CFG batch), before huge pages: tile 2048 10.5 s,
+# 1024 6.9 s, 512 5.7 s, 256 6.4 s (every large block mapped fresh; smaller tiles recompute more of the 64-px
+# halo); whole 3-5-step runs put 512 within 2-9% of 1024, and with glibc's freed memory kept for reuse (a
+# retired option) 1024 was the faster.
 CPU_HEAD_TILE = 1024
 
 
@@ -572,9 +559,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="restrict scaled_dot_product_attention to one backend (all but math need CUDA)")
     p.add_argument("--memory-budget", type=float, help="GiB that tiles and chunks are chosen for "
                                                        "(default: 90%% of the GPU, 80%% of available RAM)")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="CPU, glibc: keep freed memory for reuse instead of mapping it fresh for every large tensor; "
-                        "a toy 4K image about 2x faster, but the peak then exceeds --dry-run's estimate by up to 1.9x")
     p.add_argument("--dry-run", action="store_true",
                    help="L2P: print the estimated peak memory and the chosen patch, shift, tile and chunk; read no weights")
     p.add_argument("--out", type=Path, help="a .png file (one image) or a folder (default: sample.png or samples/)")
@@ -628,8 +612,6 @@ def main(argv=None) -> list[Path]:
         check_size(height, width, args.patch, f"--patch {args.patch}")
     # sampling only makes pictures, so bf16 where the CPU has it natively: a 4K step 2.6x faster (README)
     device, dtype = pick_device_dtype(args.device, args.dtype, bf16_on_cpu=True)
-    if args.keep_freed_memory and device.type == "cpu":
-        keep_freed_memory()
     plan = plan_pixel_sampling(args, card, prompts, height, width, device, dtype) if kind == "pixel" else None
     if args.dry_run:
         if plan is None:
