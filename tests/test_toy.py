@@ -28,9 +28,6 @@ def test_bundled_source_is_a_faithful_zimage_folder():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 4 open: with a seed of its own for every image the bundled source "
-                                       "scores 0.60 here (0.62 over 10 seeds); the 0.72-0.76 measured before "
-                                       "counted repeated prompts' one image several times (README, 'The toy world')")
 def test_bundled_source_follows_its_prompts():
     model = sample.load_model(SOURCE)
     d = model.defaults()
