@@ -678,8 +678,9 @@ def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width
     text_root = hub.resolve(source, ["model_index.json", "transformer/config.json", "text_encoder*/config.json",
                                      "tokenizer*/*"])
     native = max(card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
-    if args.patch is not None and args.patch % transfer.PIXEL_PATCH:
-        raise ValueError(f"--patch {args.patch}: not a multiple of {transfer.PIXEL_PATCH}")
+    if args.patch is not None and args.patch not in cfg.patches and args.patch % transfer.PIXEL_PATCH:
+        raise ValueError(f"--patch {args.patch}: the model has no embedder for it (trained: {list(cfg.patches)}), "
+                         f"and only multiples of {transfer.PIXEL_PATCH} derive from the 16-px one")
     patch = args.patch or choose_patch(cfg.patches, height, width, native)
     shift = args.shift or high_resolution_shift(height, width, native, card.get("sample", {}).get("shift", PIXEL_SHIFT))
     with torch.device("meta"):

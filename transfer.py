@@ -339,8 +339,10 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
     plan = FreezePlan(**meta["freeze_plan"])
     if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.patches, cfg.output):
         raise hub.CheckpointError(f"{path}: its pixel config does not follow from source {pipe.name}")
+    # every embedder add_patch_sizes makes is trained, so it is read from the file below: "random" only shapes
+    # it (the downsampled init exists only for multiples of 16, and a run may have trained an 8-px one)
     model = add_patch_sizes(transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output),
-                            cfg.patches)
+                            cfg.patches, init="random")
     trained = hub.read_tensors(path, device)
     # the plan's trained tensors, and those an earlier stage trained (a 4K run started from a 1K one)
     missing = sorted(set(trained_names(model)) - set(trained))

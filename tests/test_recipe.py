@@ -409,6 +409,24 @@ def test_output_folder_that_cannot_be_written(pipeline_dir, corpus, tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+def test_run_with_a_small_patch_loads_and_samples(pipeline_dir, corpus, tmp_path):
+    """An 8-px embedder (no downsampled init exists for it: 8 is not a multiple of 16) trains from random init,
+    and its checkpoint loads with the trained tensor and samples a 2x finer token grid."""
+    out = tmp_path / "p8"
+    train.train(train_args(pipeline_dir, corpus, out, "--steps", "1", "--patch", "8", "--patch-init", "random"))
+    model, meta = transfer.load_pixel_model(str(out))
+    assert meta["config"]["backbone"]["all_patch_size"] == [8, 16]
+    saved = hub.read_tensors(transfer.checkpoint_file(str(out)), "cpu")["backbone.all_x_embedder.8-1.weight"]
+    assert torch.equal(model.state_dict()["backbone.all_x_embedder.8-1.weight"], saved)
+    png = tmp_path / "p8.png"
+    sample.main(["--ckpt", str(out), "--prompt", "a red circle", *SIZE, "--patch", "8", "--steps", "2",
+                 "--out", str(png)])
+    assert Image.open(png).size == (int(SIZE[3]), int(SIZE[1]))
+    with pytest.raises(ValueError, match=r"--patch 24: the model has no embedder for it \(trained: \[8, 16\]\)"):
+        sample.main(["--ckpt", str(out), "--prompt", "a red circle", "--h", "48", "--w", "96", "--patch", "24",
+                     "--out", str(png)])
+
+
 def test_high_resolution_stage_continues_a_native_run(pipeline_dir, corpus, tmp_path):
     """4x the corpus size at 64-px patches: the token grid is unchanged; the stage starts from the 1x run, trains
     a freshly initialised 64-px embedder with a tiled head, and keeps what the 1x stage trained even where it
