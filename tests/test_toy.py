@@ -37,9 +37,9 @@ def test_bundled_source_follows_its_prompts():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 4 open: runs this short (up to 1000 steps tried) score 0 on ShapeEval, "
-                                       "transferred or not: objects stay full of pixel noise (README, 'Short training'); "
-                                       "remove once the recipe is fixed")
+@pytest.mark.xfail(strict=True, reason="issue 4 open: runs this short (up to 1000 steps at 128 px, 1200 at 64 px "
+                                       "tried) score about 0 on ShapeEval, transferred or not: objects stay speckled "
+                                       "with several colours (README, 'Short training'); remove once the recipe is fixed")
 def test_reduced_recipe_transfer_beats_scratch(tmp_path):
     """Synthesise a small corpus with the bundled source, train the transferred and the from-scratch pixel
     models for the same steps, and judge both with ShapeEval on the same prompts and seeds."""
