@@ -137,7 +137,8 @@ def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int) -
 
 def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "downsampled") -> PixelDiT:
     """A pixel model with embedders for more patch sizes; new ones start from the 16-px embedder (see
-    downsampled_embedder) or, with init="random", at PyTorch's default init. Existing ones are kept."""
+    downsampled_embedder), with init="random" at PyTorch's default init, or with init="empty" uninitialised (for
+    a loader that overwrites them). Existing ones are kept."""
     have = model.cfg.patches
     patches = tuple(sorted(set(have) | set(patches)))
     if patches == have:
@@ -148,6 +149,8 @@ def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "down
     for patch in sorted(set(patches) - set(have)):
         if init == "downsampled":
             w, b = downsampled_embedder(base.weight.data, base.bias.data, patch)
+        elif init == "empty":
+            w, b = base.weight.new_empty(base.out_features, patch * patch * 3), base.bias.new_empty(base.out_features)
         else:
             fresh = torch.nn.Linear(patch * patch * 3, base.out_features, device=base.weight.device)
             w, b = fresh.weight.data, fresh.bias.data
@@ -339,10 +342,10 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
     plan = FreezePlan(**meta["freeze_plan"])
     if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.patches, cfg.output):
         raise hub.CheckpointError(f"{path}: its pixel config does not follow from source {pipe.name}")
-    # every embedder add_patch_sizes makes is trained, so it is read from the file below: "random" only shapes
-    # it (the downsampled init exists only for multiples of 16, and a run may have trained an 8-px one)
+    # every embedder add_patch_sizes makes is trained, so it is read from the file below and only needs a shape
+    # (the downsampled init exists only for multiples of 16, and a run may have trained an 8-px one)
     model = add_patch_sizes(transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output),
-                            cfg.patches, init="random")
+                            cfg.patches, init="empty")
     trained = hub.read_tensors(path, device)
     # the plan's trained tensors, and those an earlier stage trained (a 4K run started from a 1K one)
     missing = sorted(set(trained_names(model)) - set(trained))
