@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+import runtime
 from model import FLUX_PACK, FLUX_RELEASED_AXES, FluxConfig, FluxDiT, SD3Config, SD3MMDiT, ZImageConfig, ZImageDiT
 from tokenizer import (CLIP_MAX_TOKENS, FLUX_DEV_T5_TOKENS, FLUX_SCHNELL_T5_TOKENS, QWEN3_CHAT_TEMPLATE,
                        SD3_T5_TOKENS, AutoencoderKL,
@@ -48,6 +49,7 @@ VARIANT_PATTERNS = ("*.fp16.*", "*.fp16-*", "*.bf16.*", "*.bf16-*")
 KEYS_SHOWN = 5
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 HASH_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "l2p" / "sha256.json"
+BUNDLED_SOURCE = Path(__file__).parent / "assets" / "toy-zimage"  # the toy source: the recipe on a CPU in minutes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,12 +97,14 @@ def revision_of(path: Path) -> str | None:
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes. A file in the HF cache links to a blob named by that hash, so nothing is
-    read; other files are hashed once and remembered by (path, size, mtime) in ~/.cache/l2p/sha256.json."""
+    read; other files are hashed once and remembered in ~/.cache/l2p/sha256.json by path, size, mtime, inode
+    and ctime. A file replaced or rewritten in place gets a new inode or ctime even when a copy or `touch -d`
+    restores its size and mtime (ctime cannot be set by a user), so it is hashed anew."""
     blob = path.resolve()
     if path.is_symlink() and SHA256_HEX.match(blob.name):
         return blob.name
     stat = blob.stat()
-    key = f"{blob}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = f"{blob}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
     try:
         known = json.loads(HASH_CACHE.read_text())
     except (OSError, json.JSONDecodeError):
@@ -123,7 +127,10 @@ def file_sha256(path: Path) -> str:
 
 def weights_sha256(location: Path) -> str:
     """One hash for a component's weights: sha256 over its safetensors files' names and hashes."""
-    files = safetensors_files(location)
+    return files_sha256(safetensors_files(location))
+
+
+def files_sha256(files: list[Path]) -> str:
     lines = "\n".join(f"{f.name}:{file_sha256(f)}" for f in files)
     return hashlib.sha256(lines.encode()).hexdigest()
 
@@ -901,6 +908,17 @@ def load_pipeline(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu", *
     )
 
 
+def text_sha256(ckpt: str) -> str:
+    """One hash for a pipeline's text side: its encoders' weight files and its tokenizer files. What caches of
+    text features are keyed by, so that they follow the weights rather than the name they were loaded by."""
+    root = resolve(ckpt, pipeline_patterns(("text",)))
+    files = []
+    for folders in text_folders(root, read_pipeline_index(root)):
+        if folders is not None:
+            files += safetensors_files(folders[0]) + sorted(f for f in folders[1].iterdir() if f.is_file())
+    return files_sha256(files)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Writing a pipeline folder (the toy source model): the inverse of load_pipeline
 
@@ -918,12 +936,10 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
-    """Written beside the target, then renamed over it: an interrupted save never leaves a truncated file."""
+    """Floats cast to `dtype`, written atomically (an interrupted save never leaves a truncated file)."""
     floats = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu() for k, v in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(floats, partial, metadata={"format": "pt"})
-    os.replace(partial, path)
+    with runtime.atomic_path(path) as tmp:
+        save_file(floats, tmp, metadata={"format": "pt"})
 
 
 def save_pipeline(folder: Path, transformer: ZImageDiT, text_encoder: dict[str, torch.Tensor], text_config: Qwen3Config,
@@ -935,7 +951,7 @@ def save_pipeline(folder: Path, transformer: ZImageDiT, text_encoder: dict[str, 
     in bf16 by default, as Z-Image-Turbo's is."""
     write_json(folder / "model_index.json", {"_class_name": "ZImagePipeline", "_diffusers_version": DIFFUSERS_VERSION}
                | PIPELINE_COMPONENTS)
-    cfg = {k: v for k, v in transformer.cfg.to_dict().items() if k != "final_layer"}
+    cfg = {k: v for k, v in transformer.cfg.to_dict().items() if k not in ("final_layer", "timestep_rule")}  # ours
     write_json(folder / "transformer" / "config.json", {"_class_name": "ZImageTransformer2DModel",
                                                         "_diffusers_version": DIFFUSERS_VERSION} | cfg)
     save_weights(transformer.state_dict(), folder / "transformer" / "diffusion_pytorch_model.safetensors",

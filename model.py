@@ -155,6 +155,8 @@ ZIMAGE_T_MID_DIM = 1024  # hidden width of the timestep MLP, fixed in the refere
 ZIMAGE_SEQ_MULTIPLE = 32  # image and caption sequences are each padded to a multiple of 32 tokens
 ZIMAGE_QK_NORM_EPS = 1e-5  # the reference hard-codes this for q/k norms, independent of norm_eps
 ZIMAGE_FINAL_NORM_EPS = 1e-6
+TRAIN_TIMESTEPS = 1000  # the schedulers' num_train_timesteps: a timestep is sigma x 1000
+TIMESTEP_RULES = ("exact", "official")
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,9 @@ class ZImageConfig(HubConfig):
     axes_dims: tuple[int, ...] = (32, 48, 48)
     axes_lens: tuple[int, ...] = (1024, 512, 512)  # size of the reference's RoPE tables; we compute any position
     final_layer: bool = True  # False for the pixel model, whose Detailer Head replaces it
+    # How sigma becomes the model's time (`zimage_time`): "exact" as diffusers computes it, or "official" as the
+    # released L2P code does, in bfloat16. Not a hub field: a pixel model records the rule it was trained with.
+    timestep_rule: str = "exact"
 
     @property
     def head_dim(self) -> int:
@@ -190,7 +195,30 @@ class ZImageConfig(HubConfig):
     def from_dict(cls, d: dict) -> "ZImageConfig":
         if d.get("siglip_feat_dim") is not None:
             raise ValueError("Z-Image Omni (siglip_feat_dim) is not supported: only text-to-image Z-Image")
-        return super().from_dict(d)
+        cfg = super().from_dict(d)
+        if cfg.timestep_rule not in TIMESTEP_RULES:
+            raise ValueError(f"Z-Image config: timestep_rule {cfg.timestep_rule!r}, expected one of {TIMESTEP_RULES}")
+        return cfg
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Flow shift: sigma' = s * sigma / (1 + (s - 1) * sigma); s > 1 spends more steps at high noise. The
+    training grid (train.py) and the samplers' schedules (sample.py) are both shifted uniform grids."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def zimage_time(sigma: torch.Tensor, t_scale: float, rule: str = "exact") -> torch.Tensor:
+    """Z-Image's native time t = (1 - sigma) * t_scale (t_scale 1000: 0 = noise, 1000 = clean image).
+
+    "official" computes it as the released L2P inference and training code do (DiffSynth's model_fn): the
+    scheduler's float32 timestep sigma * 1000 is cast to bfloat16, then (1000 - t) / 1000 and the model's
+    t * t_scale are each rounded to bfloat16. At 30 steps the model then sees t = 0, 12, 24, 36, 48, 64, ...
+    where the exact rule gives 0, 11.36, 23.26, 35.71, 48.78, 62.50, ...: the released weights only ever saw
+    the rounded values, so they are sampled with them."""
+    if rule == "exact":
+        return (1 - sigma) * t_scale
+    t = (sigma.float() * TRAIN_TIMESTEPS).to(torch.bfloat16)
+    return ((TRAIN_TIMESTEPS - t) / TRAIN_TIMESTEPS * t_scale).float()
 
 
 class ZImageAttention(nn.Module):
@@ -317,7 +345,7 @@ class ZImageDiT(nn.Module):
 
     def condition(self, sigma: torch.Tensor, captions=None) -> torch.Tensor:
         """Timestep condition. Z-Image's native time runs the other way: t = 1 - sigma (1 = clean image)."""
-        return self.t_embedder((1 - sigma) * self.cfg.t_scale)
+        return self.t_embedder(zimage_time(sigma, self.cfg.t_scale, self.cfg.timestep_rule))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, captions: list[torch.Tensor], patch: int | None = None):
         """Velocity `noise - x0` for latents x (B, C, H, W), sigma (B,), captions [(L_i, cap_feat_dim)] * B."""
@@ -967,6 +995,11 @@ class PixelConfig:
     @property
     def family(self) -> str:
         return backbone_family(self.backbone)
+
+    @property
+    def timestep_rule(self) -> str:
+        """How the model turns sigma into its time input (zimage_time); SD3 and FLUX always exactly."""
+        return getattr(self.backbone, "timestep_rule", "exact")
 
     @classmethod
     def from_dict(cls, d: dict) -> "PixelConfig":

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -36,8 +35,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import hub
+import runtime
 import transfer
-from model import attention_settings, backbone_family
+from runtime import non_negative_float, non_negative_int, positive_float, positive_int
+from model import HEAD_POOL, TRAIN_TIMESTEPS, attention_settings, backbone_family, shift_sigmas
 
 # Recommended inference of a Z-Image-Turbo source (its model card): 8 steps, no guidance.
 SOURCE_STEPS = 8
@@ -56,7 +57,6 @@ SOURCE_DEFAULTS = {
     # FLUX.1-dev's model card: 50 steps, guidance_scale 3.5 (FluxPipeline's defaults: 28 steps, 3.5)
     "flux-dev": {"steps": 50, "guidance": 3.5},
 }
-TRAIN_TIMESTEPS = 1000  # FlowMatchEulerDiscreteScheduler's num_train_timesteps default
 # The released L2P inference defaults (inference.py / app.py): 30 Euler steps, CFG 2.0, shift 3.
 PIXEL_STEPS = 30
 PIXEL_GUIDANCE = 2.0
@@ -64,7 +64,6 @@ PIXEL_SHIFT = 3.0
 DEFAULT_SIZE = 1024  # Z-Image's and L2P's native resolution; a source's recipe card may name its own
 MAX_PIXEL_SHIFT = 6.0  # sigma <= 0.5 for raw sigma <= 1 / (shift + 1): a 7th of the steps at any size
 HIGH_RES_SHIFT_EXPONENT = math.log(4 / 3) / math.log(16)  # shift 3 at the native size -> 4 at 16x the pixels
-DEFAULT_RUN = Path("runs/l2p")  # where train.py writes by default
 # diffusers FlowMatchEulerDiscreteScheduler defaults for the resolution-dependent shift (mu)
 BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 UNSUPPORTED_SCHEDULER_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
@@ -72,11 +71,6 @@ UNSUPPORTED_SCHEDULER_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", 
 
 # ----------------------------------------------------------------------------------------------------
 # Schedule
-
-
-def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """Flow shift: sigma' = s * sigma / (1 + (s - 1) * sigma); s > 1 spends more steps at high noise."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def resolution_mu(image_seq_len: int, scheduler: dict) -> float:
@@ -129,9 +123,16 @@ def source_sigmas(steps: int, scheduler: dict, image_seq_len: int, from_training
 # Sampler
 
 
-def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """(len(seeds), *shape) float32 standard normal noise, one CPU generator per image."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+def initial_noise(seeds: list[int], shape: tuple[int, ...], device: str = "cpu") -> torch.Tensor:
+    """(len(seeds), *shape) float32 standard normal noise, one generator per image on `device`.
+
+    The CPU generator (the default) makes an image depend on its seed alone, on any machine. device="cuda"
+    draws on the GPU's generator as the official L2P inference does (rand_device="cuda", float32): the only
+    way to reproduce its example images, and only on a CUDA machine."""
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--noise-device {device}: this machine has no CUDA device to draw that noise on")
+    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(s), device=device)
+                        for s in seeds]).cpu()
 
 
 def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, guidance: float, /,
@@ -209,7 +210,8 @@ def source_defaults(cfg) -> dict:
 @torch.no_grad()
 def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int], height: int, width: int,
                   steps: int = SOURCE_STEPS, guidance: float = SOURCE_GUIDANCE, negative_prompt: str = "",
-                  latents: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+                  latents: torch.Tensor | None = None, progress: bool = False, noise_device: str = "cpu"
+                  ) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from a latent source: encode text, Euler in latent space, VAE decode.
 
     Each family as its diffusers pipeline samples it: the schedule (SD3's from the training table, see
@@ -221,7 +223,7 @@ def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int]
     check_size(height, width, vae.cfg.downsample * patch, f"VAE factor {vae.cfg.downsample} x {patch} latent "
                                                           "pixels per token")
     shape = (channels, height // vae.cfg.downsample, width // vae.cfg.downsample)
-    x = initial_noise(seeds, shape) if latents is None else latents
+    x = initial_noise(seeds, shape, noise_device) if latents is None else latents
     sigmas = source_sigmas(steps, pipe.scheduler, (shape[1] // patch) * (shape[2] // patch),
                            from_training_table=source_family(dit.cfg) == "sd3")
     x = denoise(dit, pipe.text, prompts, x, sigmas, guidance, negative_prompt, progress)
@@ -229,20 +231,24 @@ def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int]
     return (images / 2 + 0.5).clamp(0, 1)
 
 
+def pixel_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """(steps + 1,) sigmas of the released L2P sampler (DiffSynth's Z-Image schedule): shift(linspace(1, 0,
+    steps + 1)[:-1]), then 0. diffusers writes the same grid as linspace(1, 1/steps, steps); in float32 half of
+    the 30 values differ in their last bit from this form, enough to move a bfloat16-rounded timestep."""
+    return torch.cat([shift_sigmas(torch.linspace(1.0, 0.0, steps + 1)[:-1], shift), torch.zeros(1)])
+
+
 @torch.no_grad()
 def sample_pixels(model, text, prompts: list[str], seeds: list[int], height: int, width: int,
                   steps: int = PIXEL_STEPS, guidance: float = PIXEL_GUIDANCE, shift: float = PIXEL_SHIFT,
                   negative_prompt: str = "", noise: torch.Tensor | None = None, progress: bool = False,
-                  patch: int | None = None) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] from an L2P pixel model: Euler directly on RGB, no VAE.
-
-    Schedule of the released sampler: sigmas = shift(linspace(1, 1/steps, steps)) then 0, shift 3 at 1K.
-    """
+                  patch: int | None = None, noise_device: str = "cpu") -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from an L2P pixel model: Euler directly on RGB, no VAE."""
     patch = patch or model.cfg.patches[0]
     check_size(height, width, patch, f"the pixel patch size {patch}")
-    x = initial_noise(seeds, (3, height, width)) if noise is None else noise
-    sigmas = source_sigmas(steps, {"shift": shift}, (height // patch) * (width // patch))
-    x = denoise(model, text, prompts, x, sigmas, guidance, negative_prompt, progress, patch=patch)
+    x = initial_noise(seeds, (3, height, width), noise_device) if noise is None else noise
+    x = denoise(model, text, prompts, x, pixel_sigmas(steps, shift), guidance, negative_prompt, progress,
+                patch=patch)
     return (x / 2 + 0.5).clamp(0, 1)
 
 
@@ -259,15 +265,37 @@ def high_resolution_shift(height: int, width: int, native: int = DEFAULT_SIZE, b
     return min(MAX_PIXEL_SHIFT, base * ratio**HIGH_RES_SHIFT_EXPONENT)
 
 
-DERIVABLE_PATCHES = (16, 32, 64)  # a model without them gets them from its 16-px embedder when sampling
+DERIVABLE_PATCHES = (32, 64)  # larger patches a model without them can derive from its 16-px embedder
+# Up to this many times the native side a model samples with a patch it was trained with, as the official code
+# samples the release (patch 16, shift 3) at every size; beyond it the 16-px grid would hold 4x the trained
+# tokens or more, so a larger patch is derived from the 16-px embedder instead (an extrapolation, said aloud).
+DERIVE_PATCH_ABOVE = 2
 
 
 def choose_patch(patches: tuple[int, ...], height: int, width: int, native: int = DEFAULT_SIZE) -> int:
-    """The smallest patch (trained, or derivable from the 16-px embedder) that keeps the token grid at most the
-    native one: 16 px at the native size, 64 px at 4x (the paper's 4K recipe); the largest one beyond that."""
-    candidates = [p for p in sorted(set(patches) | set(DERIVABLE_PATCHES)) if height % p == 0 and width % p == 0]
-    needed = 16 * max(height, width) / native
-    return min((p for p in candidates if p >= needed), default=max(candidates, default=16))
+    """The patch a pixel model samples (height, width) with when none is asked for: the smallest trained patch
+    that keeps the token grid at most the native one (16 px at the native size; 64 px at 4x for a model trained
+    there); else, up to DERIVE_PATCH_ABOVE x the native side, the largest trained patch that divides the size
+    (1280 x 768 or 1536^2 with the release: its 16-px embedder); beyond, the smallest derivable patch that keeps
+    the native grid, or the largest one."""
+    trained = [p for p in sorted(patches) if height % p == 0 and width % p == 0]
+    needed = transfer.PIXEL_PATCH * max(height, width) / native
+    if any(p >= needed for p in trained):
+        return next(p for p in trained if p >= needed)
+    if trained and max(height, width) <= DERIVE_PATCH_ABOVE * native:
+        return trained[-1]
+    derivable = [p for p in DERIVABLE_PATCHES if height % p == 0 and width % p == 0]
+    return next((p for p in derivable if p >= needed), max(derivable + trained, default=transfer.PIXEL_PATCH))
+
+
+def patch_and_shift(patches: tuple[int, ...], height: int, width: int, native: int, base_shift: float,
+                    patch: int | None = None, shift: float | None = None) -> tuple[int, float]:
+    """The patch and shift a pixel model samples (height, width) with: given, else chosen for the size
+    (choose_patch). The shift is the model's base shift with its smallest trained patch, and grows with the
+    pixel count (high_resolution_shift) when a larger patch keeps the token grid small at a large size."""
+    patch = patch or choose_patch(patches, height, width, native)
+    grown = base_shift if patch == min(patches) else high_resolution_shift(height, width, native, base_shift)
+    return patch, shift or grown
 
 
 @dataclass
@@ -294,27 +322,28 @@ class ImageModel:
         return max(self.card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
 
     def settings(self, height: int, width: int, shift: float | None = None, patch: int | None = None) -> dict:
-        """The patch and shift a pixel model samples (height, width) with: given, else chosen for the size."""
+        """The patch and shift a pixel model samples (height, width) with (patch_and_shift); an untrained
+        patch gets an embedder derived from the 16-px one."""
         if self.kind == "latent":
             return {"patch": None, "shift": None}
-        patch = patch or choose_patch(self.pixel_model.cfg.patches, height, width, self.native)
-        if patch not in self.pixel_model.cfg.patches:
-            print(f"patch {patch}: no trained embedder, derived from the 16-px one (area-downsampled pixels)",
-                  file=sys.stderr)
+        patches = self.pixel_model.cfg.patches
+        patch, shift = patch_and_shift(patches, height, width, self.native, self.defaults()["shift"], patch, shift)
+        if patch not in patches:
+            print(f"patch {patch}: no trained embedder, derived from the 16-px one (area-downsampled pixels): an "
+                  "extrapolation the model was not trained for", file=sys.stderr)
             self.pixel_model = transfer.add_patch_sizes(self.pixel_model, (patch,)).eval()
-        return {"patch": patch,
-                "shift": shift or high_resolution_shift(height, width, self.native, self.defaults()["shift"])}
+        return {"patch": patch, "shift": shift}
 
     def __call__(self, prompts: list[str], seeds: list[int], height: int, width: int, steps: int, guidance: float,
                  shift: float | None = None, negative_prompt: str = "", progress: bool = False,
-                 patch: int | None = None) -> torch.Tensor:
+                 patch: int | None = None, noise_device: str = "cpu") -> torch.Tensor:
         if self.kind == "latent":
             return sample_latent(self.pipe, prompts, seeds, height, width, steps, guidance, negative_prompt,
-                                 progress=progress)
+                                 progress=progress, noise_device=noise_device)
         chosen = self.settings(height, width, shift, patch)
         return sample_pixels(self.pixel_model, self.pipe.text, prompts, seeds, height,
                              width, steps, guidance, chosen["shift"], negative_prompt, progress=progress,
-                             patch=chosen["patch"])
+                             patch=chosen["patch"], noise_device=noise_device)
 
 
 def is_latent_source(ckpt: str) -> bool:
@@ -339,18 +368,6 @@ def load_model(ckpt: str, dtype=torch.float32, device="cpu", *, source: str | No
     source = source or meta["source"]["id"]  # --source: where the recorded source lives now
     text = hub.load_pipeline(source, dtype, device, parts=("text",))
     return ImageModel("pixel", hub.recipe_card(source), pipe=text, pixel_model=model)
-
-
-def generate(ckpt: str, prompt: str, seed: int = 42, height: int | None = None, width: int | None = None,
-             steps: int | None = None, guidance: float | None = None, device: str = "auto",
-             dtype: str = "auto") -> Image.Image:
-    """One image from any model this project loads: the whole path in one call, with the model's defaults."""
-    device, torch_dtype = pick_device_dtype(device, dtype, bf16_on_cpu=True)
-    model = load_model(ckpt, torch_dtype, device)
-    d = model.defaults()
-    image = model([prompt], [seed], height or d["height"], width or d["width"], steps or d["steps"],
-                  guidance if guidance is not None else d["guidance"])
-    return to_pil(image[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,13 +470,6 @@ def memory_budget(device: torch.device, gigabytes: float | None) -> int:
     return int(0.8 * int(available.split()[1]) * 1024)
 
 
-def peak_memory(device: torch.device) -> int:
-    """Measured peak: CUDA's allocator peak, or the process's maximum resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def print_memory(parts: dict[str, int], baseline: int, measured: int | None = None) -> None:
     total = sum(parts.values()) + baseline
     rows = [(name, v) for name, v in parts.items()] + [("process baseline (measured)", baseline), ("total", total)]
@@ -474,20 +484,6 @@ def print_memory(parts: dict[str, int], baseline: int, measured: int | None = No
 # Output and CLI
 
 
-def pick_device_dtype(device: str = "auto", dtype: str = "auto", bf16_on_cpu: bool = False
-                      ) -> tuple[torch.device, torch.dtype]:
-    """--device auto: CUDA when present, else CPU. --dtype auto: bf16 on CUDA; on CPU fp32, or with
-    `bf16_on_cpu` bf16 where the CPU computes it natively (AMX / AVX512-BF16, as oneDNN reports)."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype == "auto":
-        native_bf16 = dev.type == "cuda" or (bf16_on_cpu and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return dev, torch.bfloat16 if native_bf16 else torch.float32
-    if dtype not in names:
-        raise ValueError(f"--dtype {dtype!r}: expected one of auto, {', '.join(names)}")
-    return dev, names[dtype]
-
-
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> 8-bit RGB, rounded as diffusers' image processor does."""
     return Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
@@ -497,27 +493,8 @@ def save_png(image: Image.Image, path: Path, settings: dict) -> None:
     """Write atomically, with the settings that made the image as PNG text metadata ("l2p" key, JSON)."""
     info = PngInfo()
     info.add_text("l2p", json.dumps(settings))
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-
-
-def read_prompt_file(path: Path) -> list[str]:
-    """Plain text (one prompt per line) or JSONL with a "prompt" field; blank lines are skipped."""
-    if not path.is_file():
-        raise ValueError(f"--prompts {path}: no such file")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"--prompts {path}: holds no prompt")
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(lines, 1):
-            try:
-                rows.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"--prompts {path}:{n}: expected a JSON object with a \"prompt\" field") from None
-        return rows
-    return lines
+    with runtime.atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def defaults_help(key: str) -> str:
@@ -527,7 +504,7 @@ def defaults_help(key: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=str(DEFAULT_RUN),
+    p.add_argument("--ckpt", default=str(transfer.DEFAULT_RUN),
                    help="an L2P checkpoint (train.py run folder or one of its step-NNNNNN folders, trained-tensor or "
                         "standalone file, or the official release, e.g. zhen-nan/L2P/model-1k-merge.safetensors), or a "
                         "latent source pipeline (hub id or diffusers folder); default: runs/l2p, where train.py writes")
@@ -536,61 +513,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts", type=Path, help="prompt file: plain text, one per line, or JSONL with 'prompt'")
     p.add_argument("--negative-prompt", default="", help="negative prompt for guidance (default: empty)")
-    p.add_argument("--h", type=int, help=f"image height (default: the source's recipe card, else {DEFAULT_SIZE})")
-    p.add_argument("--w", type=int, help=f"image width (default: the source's recipe card, else {DEFAULT_SIZE})")
-    p.add_argument("--steps", type=int, help=f"Euler steps (default: recipe card, else {PIXEL_STEPS} for L2P, "
-                                             f"for a source {defaults_help('steps')})")
-    p.add_argument("--guidance", type=float, help=f"classifier-free guidance, 1 = off; FLUX-dev: its embedded "
-                                                  f"guidance (default: recipe card, else {PIXEL_GUIDANCE} for L2P, "
-                                                  f"for a source {defaults_help('guidance')})")
-    p.add_argument("--shift", type=float, help=f"L2P: flow shift of the schedule (default: {PIXEL_SHIFT})")
+    p.add_argument("--h", type=positive_int, help=f"image height (default: the source's recipe card, else {DEFAULT_SIZE})")
+    p.add_argument("--w", type=positive_int, help=f"image width (default: the source's recipe card, else {DEFAULT_SIZE})")
+    p.add_argument("--steps", type=positive_int, help=f"Euler steps (default: recipe card, else {PIXEL_STEPS} for L2P, "
+                                                      f"for a source {defaults_help('steps')})")
+    p.add_argument("--guidance", type=non_negative_float,
+                   help=f"classifier-free guidance, 1 = off; FLUX-dev: its embedded guidance (default: recipe card, "
+                        f"else {PIXEL_GUIDANCE} for L2P, for a source {defaults_help('guidance')})")
+    p.add_argument("--shift", type=positive_float,
+                   help=f"L2P: flow shift of the schedule (default: the model's, {PIXEL_SHIFT} for the release, "
+                        "raised only when a larger patch than the trained one is used at a large size)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (consecutive seeds)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward batch")
+    p.add_argument("--noise-device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the initial noise is drawn: cpu (default: the same image on any machine) or cuda "
+                        "(the official L2P inference's rand_device, to reproduce its images on a GPU)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (consecutive seeds)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward batch")
     p.add_argument("--no-ema", action="store_true", help="L2P run or step folder: use the raw weights, not the EMA")
-    p.add_argument("--patch", type=int, help="L2P: patch size (default: the smallest keeping the native token grid)")
-    p.add_argument("--head-tile", type=int, help="L2P: Detailer Head tile in pixels, 0 = untiled "
-                                                 "(default: from the memory budget; on CPU at most "
-                                                 f"{CPU_HEAD_TILE}, which is faster)")
-    p.add_argument("--attention-chunk", type=int, help="queries per attention call, 0 = all (default: from the "
-                                                       "memory budget under --sdpa-backend math, else all: the "
-                                                       "fused kernels hold no score matrix)")
+    p.add_argument("--patch", type=positive_int,
+                   help=f"L2P: patch size (default: a trained one; above {DERIVE_PATCH_ABOVE}x the native size the "
+                        "smallest that keeps the native token grid, derived from the 16-px embedder if untrained)")
+    p.add_argument("--head-tile", type=non_negative_int,
+                   help=f"L2P: Detailer Head tile in pixels, a multiple of 16; 0 = untiled (default: from the memory "
+                        f"budget; on CPU at most {CPU_HEAD_TILE}, which is faster)")
+    p.add_argument("--attention-chunk", type=non_negative_int,
+                   help="queries per attention call, 0 = all (default: from the memory budget under --sdpa-backend "
+                        "math, else all: the fused kernels hold no score matrix)")
     p.add_argument("--sdpa-backend", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"),
                    help="restrict scaled_dot_product_attention to one backend (all but math need CUDA)")
-    p.add_argument("--memory-budget", type=float, help="GiB that tiles and chunks are chosen for "
-                                                       "(default: 90%% of the GPU, 80%% of available RAM)")
+    p.add_argument("--memory-budget", type=positive_float,
+                   help="GiB sampling may use: tiles and chunks are chosen for it, and a size that cannot fit is "
+                        "refused before any weight loads (default: 90%% of the GPU, 80%% of available RAM)")
     p.add_argument("--dry-run", action="store_true",
-                   help="L2P: print the estimated peak memory and the chosen patch, shift, tile and chunk; read no weights")
+                   help="L2P: print the chosen patch, shift, tile and chunk, the estimated peak memory and whether it "
+                        "fits the budget; read no weights")
     p.add_argument("--out", type=Path, help="a .png file (one image) or a folder (default: sample.png or samples/)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA and on CPUs with native bf16: AMX or "
-                                                   "AVX512-BF16; else fp32), bf16, fp16 or fp32")
+    p.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
+                   help="auto (bf16 on CUDA and on CPUs with native bf16: AMX or AVX512-BF16; else fp32), bf16, fp16 "
+                        "or fp32")
     return p.parse_args(argv)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: readers see the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def writable_folder(folder: Path, flag: str = "--out") -> Path:
-    """Create the folder and prove it takes files, before any heavy work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
-    return folder
 
 
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     kind, card = peek_card(args.ckpt, args.source)
-    prompts = (args.prompt or []) + (read_prompt_file(args.prompts) if args.prompts else [])
+    prompts = (args.prompt or []) + ([r["prompt"] for r in runtime.read_prompt_file(args.prompts)] if args.prompts else [])
     prompts = prompts or card.get("sample", {}).get("prompts", [])
     if not prompts:
         raise ValueError("give --prompt or --prompts")
@@ -599,8 +567,10 @@ def main(argv=None) -> list[Path]:
     single = out.suffix == ".png"
     if single and len(jobs) > 1:
         raise ValueError(f"--out {out} is one file but there are {len(jobs)} images: give a folder")
-    if min(args.steps or 1, args.batch_size, args.images_per_prompt) < 1:
-        raise ValueError("--steps, --batch-size and --images-per-prompt must be at least 1")
+    if single and out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a new file name, or the folder without .png")
+    if args.head_tile and args.head_tile % HEAD_POOL:
+        raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of {HEAD_POOL} (0 = untiled)")
     card_height, card_width = card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
     height, width = args.h or card_height, args.w or card_width
     if kind == "latent":
@@ -611,7 +581,7 @@ def main(argv=None) -> list[Path]:
     if args.patch and kind == "pixel":
         check_size(height, width, args.patch, f"--patch {args.patch}")
     # sampling only makes pictures, so bf16 where the CPU has it natively: a 4K step 2.6x faster (README)
-    device, dtype = pick_device_dtype(args.device, args.dtype, bf16_on_cpu=True)
+    device, dtype = runtime.pick_device_dtype(args.device, args.dtype, bf16_on_cpu=True)
     plan = plan_pixel_sampling(args, card, prompts, height, width, device, dtype) if kind == "pixel" else None
     if args.dry_run:
         if plan is None:
@@ -619,8 +589,11 @@ def main(argv=None) -> list[Path]:
         print(f"{height}x{width}, patch {plan['patch']}, shift {plan['shift']:.3f}, head tile {plan['tile']}, "
               f"attention chunk {plan['chunk']}, batch {args.batch_size}", file=sys.stderr)
         print_memory(plan["parts"], plan["baseline"])
+        print(plan["verdict"], file=sys.stderr)
         return []
-    folder = writable_folder(out.parent if single else out)
+    if plan and not plan_fits(plan):
+        raise ValueError(plan["verdict"])
+    folder = runtime.writable_folder(out.parent if single else out)
     model = load_model(args.ckpt, dtype, device, source=args.source, transformer=args.transformer, ema=not args.no_ema)
     d = model.defaults()
     steps = args.steps or d["steps"]
@@ -628,24 +601,28 @@ def main(argv=None) -> list[Path]:
     if plan:
         model.pixel_model.head_tile = plan["tile"]
     patch, shift = (plan["patch"], plan["shift"]) if plan else (None, None)
+    print(f"sampling {len(jobs)} image(s) at {height}x{width}: {steps} steps, guidance {guidance:g}"
+          + (f", patch {patch}, shift {shift:.3g}, {model.pixel_model.cfg.timestep_rule} timesteps" if plan else "")
+          + f", noise drawn on {args.noise_device}", file=sys.stderr)
     backend = sdpa_backend(args.sdpa_backend, device)
     written = []
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start : start + args.batch_size]
         with attention_settings(query_chunk=plan["chunk"] if plan else None), backend:
             images = model([p for p, _ in batch], [s for _, s in batch], height, width, steps, guidance, shift,
-                           args.negative_prompt, progress=True, patch=patch)
+                           args.negative_prompt, progress=True, patch=patch, noise_device=args.noise_device)
         for i, ((prompt, seed), image) in enumerate(zip(batch, images)):
             path = out if single else folder / f"{start + i:05d}.png"
             settings = dict(prompt=prompt, seed=seed, ckpt=args.ckpt, steps=steps, guidance=guidance,
-                            negative_prompt=args.negative_prompt, height=height, width=width, shift=shift)
+                            negative_prompt=args.negative_prompt, height=height, width=width, patch=patch,
+                            shift=shift, noise_device=args.noise_device)
             save_png(to_pil(image), path, settings)
             written.append(path)
             print(f"wrote {path}", file=sys.stderr)
         del images, image  # or the next batch samples with these alive (0.19 GiB per 4K image)
     if plan:
         print("peak memory:", file=sys.stderr)
-        print_memory(plan["parts"], plan["baseline"], peak_memory(device))
+        print_memory(plan["parts"], plan["baseline"], runtime.peak_memory(device))
     return written
 
 
@@ -681,8 +658,7 @@ def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width
     if args.patch is not None and args.patch not in cfg.patches and args.patch % transfer.PIXEL_PATCH:
         raise ValueError(f"--patch {args.patch}: the model has no embedder for it (trained: {list(cfg.patches)}), "
                          f"and only multiples of {transfer.PIXEL_PATCH} derive from the 16-px one")
-    patch = args.patch or choose_patch(cfg.patches, height, width, native)
-    shift = args.shift or high_resolution_shift(height, width, native, card.get("sample", {}).get("shift", PIXEL_SHIFT))
+    base_shift = card.get("sample", {}).get("shift", PIXEL_SHIFT)
     with torch.device("meta"):
         params = sum(p.numel() for p in PixelDiT(cfg).parameters()) + text_parameters(text_root)
     caption_tokens = hub.text_tokens(cfg.backbone)
@@ -691,16 +667,50 @@ def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width
     guidance = args.guidance if args.guidance is not None else card.get("sample", {}).get("guidance", PIXEL_GUIDANCE)
     guided = guidance != 1 and not getattr(cfg.backbone, "guidance_embeds", False)  # FLUX-dev: no CFG batch
     budget = memory_budget(device, args.memory_budget)
+    baseline = 0 if device.type == "cuda" else runtime.peak_memory(device)
     math_attention = args.sdpa_backend == "math"
-    tile, chunk = auto_memory_settings(cfg, params, height, width, patch, args.batch_size, guided,
-                                       caption_tokens, dtype, budget, args.head_tile, args.attention_chunk,
-                                       math_attention)
-    if args.head_tile is None and device.type == "cpu" and max(height, width) > CPU_HEAD_TILE:
-        tile = min(tile or CPU_HEAD_TILE, CPU_HEAD_TILE)  # for speed, see CPU_HEAD_TILE
-    parts = memory_estimate(cfg, params, height, width, patch, args.batch_size, guided, caption_tokens, tile,
-                            chunk, dtype, math_attention)
-    baseline = 0 if device.type == "cuda" else peak_memory(device)
-    return {"patch": patch, "shift": shift, "tile": tile, "chunk": chunk, "parts": parts, "baseline": baseline}
+
+    def plan_at(height: int, width: int, patch: int | None) -> dict:
+        patch, shift = patch_and_shift(cfg.patches, height, width, native, base_shift, patch, args.shift)
+        tile, chunk = auto_memory_settings(cfg, params, height, width, patch, args.batch_size, guided,
+                                           caption_tokens, dtype, budget, args.head_tile, args.attention_chunk,
+                                           math_attention)
+        if args.head_tile is None and device.type == "cpu" and max(height, width) > CPU_HEAD_TILE:
+            tile = min(tile or CPU_HEAD_TILE, CPU_HEAD_TILE)  # for speed, see CPU_HEAD_TILE
+        parts = memory_estimate(cfg, params, height, width, patch, args.batch_size, guided, caption_tokens, tile,
+                                chunk, dtype, math_attention)
+        return {"patch": patch, "shift": shift, "tile": tile, "chunk": chunk, "parts": parts, "baseline": baseline,
+                "budget": budget}
+
+    plan = plan_at(height, width, args.patch)
+    plan["verdict"] = memory_verdict(plan, height, width, plan_at, args.patch)
+    return plan
+
+
+def plan_fits(plan: dict) -> bool:
+    return sum(plan["parts"].values()) + plan["baseline"] <= plan["budget"]
+
+
+FIT_SEARCH_STEP = 0.9  # the size search shrinks both sides by this factor per try
+
+
+def memory_verdict(plan: dict, height: int, width: int, plan_at, patch: int | None) -> str:
+    """Whether the estimate fits the budget; if not, by how much, and the largest size of the same aspect
+    (sides multiples of 16) whose own plan fits."""
+    total, budget = sum(plan["parts"].values()) + plan["baseline"], plan["budget"]
+    if total <= budget:
+        return f"fits: about {total / 2**30:.2f} GiB of the {budget / 2**30:.2f} GiB budget"
+    verdict = (f"{height}x{width} needs about {total / 2**30:.2f} GiB, {(total - budget) / 2**30:.2f} GiB more than the "
+               f"{budget / 2**30:.2f} GiB budget (--memory-budget; default 90% of the GPU or 80% of free RAM)")
+    scale = FIT_SEARCH_STEP
+    while min(height, width) * scale >= transfer.PIXEL_PATCH:
+        h, w = (max(transfer.PIXEL_PATCH, int(side * scale) // transfer.PIXEL_PATCH * transfer.PIXEL_PATCH)
+                for side in (height, width))
+        if patch is None or (h % patch == 0 and w % patch == 0):
+            if plan_fits(plan_at(h, w, patch)):
+                return f"{verdict}; {h}x{w} would fit"
+        scale *= FIT_SEARCH_STEP
+    return f"{verdict}; no size of this aspect fits (the weights alone take {plan['parts']['weights'] / 2**30:.2f} GiB)"
 
 
 def sdpa_backend(name: str, device: torch.device):
@@ -717,7 +727,4 @@ def sdpa_backend(name: str, device: torch.device):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, hub.CheckpointError) as e:
-        raise SystemExit(f"error: {e}")
+    runtime.run_cli(main)

@@ -32,7 +32,8 @@ from PIL import Image, ImageDraw
 
 import hub
 import sample
-from model import ZImageConfig, ZImageDiT
+import transfer
+from model import ZImageConfig, ZImageDiT, shift_sigmas
 from tokenizer import (AutoencoderKL, PromptTokenizer, Qwen3Config, Qwen3TextEncoder, VAEConfig, ZImageText,
                        encode_prompts)
 from tokenizer import train_qwen_style_bpe
@@ -390,7 +391,7 @@ def train_dit(vae, text, tokenizer, steps: int, batch: int, dataset: int, seed: 
         with torch.no_grad():
             captions = encode_prompts(text, tokenizer, prompts)
         x0 = latents[idx]
-        sigma = sample.shift_sigmas(torch.rand(batch), TOY_SHIFT)
+        sigma = shift_sigmas(torch.rand(batch), TOY_SHIFT)
         noise = torch.randn_like(x0)
         s = sigma[:, None, None, None]
         loss = F.mse_loss(dit((1 - s) * x0 + s * noise, sigma, captions), noise - x0)
@@ -591,7 +592,6 @@ def claims_command(args) -> list[dict]:
     """The paper's claims at toy scale: one table, every row measured in this run with the same step budget."""
     import synth
     import train
-    import transfer
 
     work = args.work
     source = str(args.source)
@@ -638,7 +638,6 @@ def highres_command(args) -> list[dict]:
     64-px patches, so the transformer's token grid is unchanged, once with the 64-px embedder initialised
     from the 16-px one on downsampled pixels and once at random, and judge both at 4x with the same budget."""
     import train
-    import transfer
 
     size = hub.recipe_card(str(args.source))["size"][0] * HIGHRES_SCALE
     patch = transfer.PIXEL_PATCH * HIGHRES_SCALE
@@ -688,7 +687,7 @@ def parse_args(argv=None):
     b.add_argument("--resume", action="store_true", help="train the DiT saved in --out for --dit-steps more steps")
     b.add_argument("--recipe-only", action="store_true", help="only (re)write the recipe card and prompt file")
     e = sub.add_parser("eval", help="sample the evaluation prompts, write a grid beside each model, print ShapeEval")
-    e.add_argument("--ckpt", nargs="+", default=[str(sample.DEFAULT_RUN)],
+    e.add_argument("--ckpt", nargs="+", default=[str(transfer.DEFAULT_RUN)],
                    help="models: L2P run folders or files, or latent sources (default: runs/l2p)")
     e.add_argument("--per-category", type=int, default=10, help="evaluation prompts per category")
     e.add_argument("--seeds", type=int, default=1, help="samples per prompt")
@@ -702,7 +701,7 @@ def parse_args(argv=None):
     c.add_argument("--per-category", type=int, default=10)
     c.add_argument("--seeds", type=int, default=2)
     h = sub.add_parser("highres", help="4x training with 64-px patches: downsampled vs random embedder init")
-    h.add_argument("--init", type=Path, default=sample.DEFAULT_RUN, help="the native-size L2P run to continue")
+    h.add_argument("--init", type=Path, default=transfer.DEFAULT_RUN, help="the native-size L2P run to continue")
     h.add_argument("--source", type=Path, default=TOY_SOURCE, help="the toy source model")
     h.add_argument("--work", type=Path, default=Path("runs/highres"), help="folder for the 4x corpus and the runs")
     h.add_argument("--prompts", type=int, default=200, help="rendered 4x training images")

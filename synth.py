@@ -19,20 +19,20 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 import hub
+import runtime
 import sample
+from runtime import non_negative_float, positive_int
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "l2p_taxonomy.jsonl"
-BUNDLED_SOURCE = Path(__file__).parent / "assets" / "toy-zimage"  # the toy source: runs on a CPU in minutes
 PAPER_IMAGES_PER_PROMPT = 2  # 10k prompts -> 20k images
 SETTINGS_FILE = "synth.json"  # the corpus's settings; a rerun must match them
-METADATA_FILE = "metadata.jsonl"
 
 
 @dataclass(frozen=True)
@@ -44,25 +44,6 @@ class Job:
     file: str
 
 
-def read_prompts(path: Path) -> list[dict]:
-    """Plain text (one prompt per line) or JSONL rows with "prompt" and an optional "category"."""
-    if not path.is_file():
-        raise ValueError(f"--prompts {path}: no such file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"--prompts {path}: holds no prompt")
-    if path.suffix != ".jsonl":
-        return [{"prompt": line, "category": None} for line in lines]
-    rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            rows.append({"prompt": str(row["prompt"]), "category": row.get("category")})
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ValueError(f"--prompts {path}:{n}: expected a JSON object with a \"prompt\" field") from None
-    return rows
-
-
 def plan_jobs(prompts: list[dict], images_per_prompt: int, seed: int) -> list[Job]:
     jobs = []
     for p, row in enumerate(prompts):
@@ -72,9 +53,9 @@ def plan_jobs(prompts: list[dict], images_per_prompt: int, seed: int) -> list[Jo
     return jobs
 
 
-def rank_and_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) when run plainly."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) when run plainly."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -87,36 +68,39 @@ def check_settings(out: Path, settings: dict) -> None:
             raise ValueError(f"--out {out} holds a corpus made with other settings ({', '.join(differ)} differ): "
                              "use another --out, or the same settings to resume")
     else:
-        sample.write_text_atomic(path, json.dumps(settings, indent=2))
+        runtime.write_text_atomic(path, json.dumps(settings, indent=2))
 
 
 def write_metadata(out: Path, jobs: list[Job]) -> int:
     """metadata.jsonl from the PNGs' own rows, in corpus order. Every rank that finds the corpus complete may
     write it; the content is the same, and each write is atomic."""
     rows = [Image.open(out / job.file).info["l2p"] for job in jobs]
-    sample.write_text_atomic(out / METADATA_FILE, "".join(row + "\n" for row in rows))
+    runtime.write_text_atomic(out / runtime.CORPUS_METADATA, "".join(row + "\n" for row in rows))
     return len(rows)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=str(BUNDLED_SOURCE),
+    p.add_argument("--ckpt", default=str(hub.BUNDLED_SOURCE),
                    help="source model: hub id (owner/name) or diffusers folder (default: the bundled toy source)")
     p.add_argument("--prompts", type=Path, help="plain text (one per line) or JSONL with 'prompt' and optional "
                                                 "'category' (default: the source's recipe card, else the bundled "
                                                 "100-prompt taxonomy sample)")
     p.add_argument("--out", type=Path, default=Path("data"), help="corpus folder (PNGs + metadata.jsonl)")
-    p.add_argument("--images-per-prompt", type=int, help=f"seeds per prompt (default: {PAPER_IMAGES_PER_PROMPT})")
-    p.add_argument("--h", type=int, help="image height (default: the recipe card's, else 1024)")
-    p.add_argument("--w", type=int, help="image width (default: the recipe card's, else 1024)")
-    p.add_argument("--steps", type=int, help=f"Euler steps of the source (default: card, else by family: "
-                                             f"{sample.defaults_help('steps')})")
-    p.add_argument("--guidance", type=float, help=f"guidance, 1 = off; FLUX-dev: its embedded guidance (default: "
-                                                  f"card, else by family: {sample.defaults_help('guidance')})")
+    p.add_argument("--images-per-prompt", type=positive_int,
+                   help=f"seeds per prompt (default: card, else {PAPER_IMAGES_PER_PROMPT})")
+    p.add_argument("--h", type=positive_int, help="image height (default: the recipe card's, else 1024)")
+    p.add_argument("--w", type=positive_int, help="image width (default: the recipe card's, else 1024)")
+    p.add_argument("--steps", type=positive_int, help=f"Euler steps of the source (default: card, else by family: "
+                                                      f"{sample.defaults_help('steps')})")
+    p.add_argument("--guidance", type=non_negative_float,
+                   help=f"guidance, 1 = off; FLUX-dev: its embedded guidance (default: card, else by family: "
+                        f"{sample.defaults_help('guidance')})")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0; image j uses seed + j")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward batch on each rank")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward batch on each rank")
     p.add_argument("--device", default="auto", help="auto (CUDA device LOCAL_RANK when present), cpu, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
+    p.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
+                   help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
     return p.parse_args(argv)
 
 
@@ -125,33 +109,35 @@ def fill_from_card(args, card: dict, defaults: dict) -> None:
     guidance, sample.source_defaults) and the built-in size and seeds per prompt."""
     recipe = card.get("synth", {})
     height, width = card.get("size", (sample.DEFAULT_SIZE, sample.DEFAULT_SIZE))
-    args.h, args.w = args.h or height, args.w or width
-    args.steps = args.steps or recipe.get("steps", defaults["steps"])
-    args.guidance = args.guidance if args.guidance is not None else recipe.get("guidance", defaults["guidance"])
-    args.images_per_prompt = args.images_per_prompt or recipe.get("images_per_prompt", PAPER_IMAGES_PER_PROMPT)
+    unset = {"h": height, "w": width, "steps": recipe.get("steps", defaults["steps"]),
+             "guidance": recipe.get("guidance", defaults["guidance"]),
+             "images_per_prompt": recipe.get("images_per_prompt", PAPER_IMAGES_PER_PROMPT)}
+    for key, value in unset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.prompts is None:
         args.prompts = hub.resolve(args.ckpt) / recipe["prompts"] if "prompts" in recipe else DEFAULT_PROMPTS
 
 
 def synthesize(argv=None) -> Path:
     args = parse_args(argv)
-    rank, world, local_rank = rank_and_world()
+    rank, world = rank_and_world()
     configs = hub.resolve(args.ckpt, ["model_index.json", "transformer/config.json"])  # no weights yet
     pipeline_class = hub.read_pipeline_index(configs)["_class_name"]
     defaults = sample.source_defaults(hub.pipeline_transformer_config(configs / "transformer", pipeline_class))
     fill_from_card(args, hub.recipe_card(args.ckpt), defaults)
-    if min(args.images_per_prompt, args.batch_size, args.steps) < 1:
-        raise ValueError("--images-per-prompt, --batch-size and --steps must be at least 1")
-    jobs = plan_jobs(read_prompts(args.prompts), args.images_per_prompt, args.seed)
+    jobs = plan_jobs(runtime.read_prompt_file(args.prompts), args.images_per_prompt, args.seed)
     root = hub.resolve(args.ckpt)
     hub.read_pipeline_index(root)
     sample.check_size(args.h, args.w, hub.latent_pixel_multiple(root), "pixels per latent token")
-    out = sample.writable_folder(args.out)
-    device = args.device
-    if device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
-    device, dtype = sample.pick_device_dtype(device, args.dtype)
+    out = runtime.writable_folder(args.out)
+    device, dtype = runtime.pick_device_dtype(args.device, args.dtype)
+    with runtime.folder_lock(out) if rank == 0 else nullcontext():
+        return make_images(args, jobs, out, device, dtype, rank, world)
 
+
+def make_images(args, jobs: list[Job], out: Path, device, dtype, rank: int, world: int) -> Path:
+    """This rank's share of the corpus, skipping finished images; metadata.jsonl once every image exists."""
     pipe = hub.load_pipeline(args.ckpt, dtype, device)
     shift = pipe.scheduler.get("shift", 1.0) if not pipe.scheduler.get("use_dynamic_shifting") else "dynamic"
     common = dict(source=pipe.name, revision=pipe.revision, transformer_sha256=pipe.transformer_sha256,
@@ -172,20 +158,18 @@ def synthesize(argv=None) -> Path:
                                       args.steps, args.guidance)
         for job, image in zip(batch, images):
             row = {"file": job.file, "prompt": job.prompt, "category": job.category, "seed": job.seed} | common
-            sample.save_png(sample.to_pil(image), out / job.file, row)  # atomic: temp name, then rename
+            sample.save_png(sample.to_pil(image), out / job.file, row)  # atomic: a whole image or none
         n = done + len(batch)
         rate = n / (time.time() - start)
         print(f"{tag}{n}/{len(todo)} images  {rate * 60:.1f} img/min  ETA {(len(todo) - n) / rate / 60:.1f} min",
               file=sys.stderr)
     if all((out / job.file).exists() for job in jobs):
-        print(f"{tag}corpus complete: wrote {write_metadata(out, jobs)} rows to {out / METADATA_FILE}", file=sys.stderr)
+        print(f"{tag}corpus complete: wrote {write_metadata(out, jobs)} rows to {out / runtime.CORPUS_METADATA}",
+              file=sys.stderr)
     else:
         print(f"{tag}my share is done; metadata.jsonl is written once every rank's images exist", file=sys.stderr)
     return out
 
 
 if __name__ == "__main__":
-    try:
-        synthesize()
-    except (ValueError, hub.CheckpointError) as e:
-        raise SystemExit(f"error: {e}")
+    runtime.run_cli(synthesize)

@@ -21,20 +21,20 @@
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import hub
+import runtime
 from model import HEAD_WIDTHS, FluxDiT, PixelConfig, PixelDiT, SD3MMDiT, ZImageDiT, backbone_family
 
 PIXEL_PATCH = 16  # 16x16 RGB patches: the same token grid as the latent model (VAE 8x, DiT patch 2)
 CHECKPOINT_FORMAT = "l2p/1"
-OFFICIAL_RELEASE = "zhen-nan/L2P/model-1k-merge.safetensors"
+DEFAULT_RUN = Path("runs/l2p")  # where train.py writes and sample.py reads by default
 OFFICIAL_TEXT_SOURCE = "Tongyi-MAI/Z-Image-Turbo"  # the release holds the DiT only; its text side is the source's
 
 
@@ -85,6 +85,8 @@ FREEZE_PLANS = {
 def make_plan(name: str, blocks: int) -> FreezePlan:
     if name not in FREEZE_PLANS:
         raise ValueError(f"--freeze {name!r}: expected one of {', '.join(FREEZE_PLANS)}")
+    if blocks < 0:
+        raise ValueError(f"--blocks {blocks}: expected a number of blocks >= 0")
     return replace(FREEZE_PLANS[name], first_blocks=blocks, last_blocks=blocks)
 
 
@@ -110,13 +112,18 @@ def trained_names(model: PixelDiT) -> list[str]:
 # Transfer
 
 
-def pixel_config(source, head_widths=HEAD_WIDTHS, patches=(PIXEL_PATCH,), output: str = "detailer") -> PixelConfig:
+def pixel_config(source, head_widths=HEAD_WIDTHS, patches=(PIXEL_PATCH,), output: str = "detailer",
+                 timestep_rule: str = "exact") -> PixelConfig:
     """The source's backbone with RGB patch embedders, and the Detailer Head in place of its final layer (or,
-    for the Z-Image ablation, a per-patch linear final layer)."""
+    for the Z-Image ablation, a per-patch linear final layer). timestep_rule: how the model turns sigma into
+    its time input, "exact" or as the official L2P code rounds it (model.zimage_time; Z-Image only)."""
     patches = tuple(patches)
     if backbone_family(source) == "zimage":
         source = replace(source, in_channels=3, all_patch_size=patches, all_f_patch_size=(1,) * len(patches),
-                         final_layer=output == "linear")
+                         final_layer=output == "linear", timestep_rule=timestep_rule)
+    elif timestep_rule != "exact":
+        raise ValueError(f"timestep rule {timestep_rule!r}: the official L2P rounding exists for Z-Image sources "
+                         f"only, not {backbone_family(source)}")
     return PixelConfig(source, tuple(head_widths), output, patches)
 
 
@@ -143,7 +150,7 @@ def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "down
     patches = tuple(sorted(set(have) | set(patches)))
     if patches == have:
         return model
-    cfg = pixel_config(model.cfg.backbone, model.cfg.head_widths, patches, model.cfg.output)
+    cfg = pixel_config(model.cfg.backbone, model.cfg.head_widths, patches, model.cfg.output, model.cfg.timestep_rule)
     state, trains = model.state_dict(), {n: p.requires_grad for n, p in model.named_parameters()}
     base = model.backbone.all_x_embedder[f"{PIXEL_PATCH}-1"]
     for patch in sorted(set(patches) - set(have)):
@@ -165,11 +172,11 @@ def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "down
 
 
 def transfer(source: ZImageDiT | SD3MMDiT | FluxDiT, plan: FreezePlan = FreezePlan(), head_widths=HEAD_WIDTHS, seed: int = 0,
-             verbose: bool = True, copy: bool = True, output: str = "detailer") -> PixelDiT:
+             verbose: bool = True, copy: bool = True, output: str = "detailer", timestep_rule: str = "exact") -> PixelDiT:
     """The pixel model: source tensors copied where name and shape match, new layers at default init (seeded),
     the freeze plan applied. New tensors are float32; copied ones keep the source's dtype and device.
     copy=False gives the same architecture at random init: the from-scratch baseline."""
-    cfg = pixel_config(source.cfg, head_widths, output=output)
+    cfg = pixel_config(source.cfg, head_widths, output=output, timestep_rule=timestep_rule)
     torch.manual_seed(seed)
     model = PixelDiT(cfg)
     source_state = source.state_dict() if copy else {}
@@ -202,21 +209,26 @@ def transfer(source: ZImageDiT | SD3MMDiT | FluxDiT, plan: FreezePlan = FreezePl
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
-    """safetensors with JSON metadata values, written to a temporary name and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """safetensors with JSON metadata values, written atomically (runtime.atomic_path)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
-    tmp.replace(path)
+    with runtime.atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
 
 
 def read_metadata(path: Path) -> dict:
-    """The JSON metadata of one of our safetensors files ({} for any other safetensors file)."""
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    if json.loads(raw.get("format", "null")) != CHECKPOINT_FORMAT:
+    """The JSON metadata of one of our safetensors files ({} for any other safetensors file, a diffusers or
+    transformers one whose metadata is {"format": "pt"} included)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise hub.CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    if raw.get("format") != json.dumps(CHECKPOINT_FORMAT):
         return {}
-    return {k: json.loads(v) for k, v in raw.items()}
+    try:
+        return {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError:
+        raise hub.CheckpointError(f"{path}: its l2p metadata is not valid JSON (a damaged header)") from None
 
 
 def save_trained(path: Path, model: PixelDiT, plan: FreezePlan, source: dict, tensors=None, keep=(), **extra) -> None:
@@ -247,7 +259,7 @@ def official_config(tensors: dict[str, torch.Tensor]) -> PixelConfig:
     latent_like = {k.replace(f"all_x_embedder.{PIXEL_PATCH}-1.", "all_x_embedder.2-1."): v for k, v in tensors.items()}
     source = hub.zimage_config_from_tensors(latent_like)
     widths = tuple(tensors[f"local_decoder.enc{i}.0.weight"].shape[0] for i in range(1, len(HEAD_WIDTHS) + 1))
-    return pixel_config(source, widths)
+    return pixel_config(source, widths, timestep_rule="official")  # the release is sampled as it was trained
 
 
 def is_official_release(tensors: dict) -> bool:
@@ -260,7 +272,12 @@ def checkpoint_file(ckpt: str, ema: bool = True) -> Path:
     path = hub.resolve(ckpt)
     if not path.is_dir():
         return path
-    return step_checkpoint(path, ema) if (path / "model.safetensors").is_file() else latest_checkpoint(path, ema)
+    if (path / "model.safetensors").is_file():
+        return step_checkpoint(path, ema)
+    if (path / "config.json").is_file() or (path / "model_index.json").is_file():
+        raise hub.CheckpointError(f"{path}: a diffusers folder, not an L2P checkpoint: give a latent source as the "
+                                  "whole pipeline folder (the one holding model_index.json)")
+    return latest_checkpoint(path, ema)
 
 
 def tensor_names(path: Path) -> set[str]:
@@ -274,7 +291,10 @@ def latest_checkpoint(folder: Path, ema: bool = True) -> Path:
     if not pointer.is_file():
         raise hub.CheckpointError(f"{folder}: no `latest` file and no model.safetensors, so neither a training run "
                                   "folder of train.py nor one of its step-NNNNNN checkpoints")
-    return step_checkpoint(folder / pointer.read_text().strip(), ema)
+    step = folder / pointer.read_text().strip()
+    if not (step / "model.safetensors").is_file():
+        raise hub.CheckpointError(f"{folder}: `latest` names {step.name!r}, which holds no model.safetensors")
+    return step_checkpoint(step, ema)
 
 
 def step_checkpoint(step_dir: Path, ema: bool = True) -> Path:
@@ -340,12 +360,12 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
             "these trained tensors belong to other base weights")
     cfg = PixelConfig.from_dict(meta["config"])
     plan = FreezePlan(**meta["freeze_plan"])
-    if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.patches, cfg.output):
+    if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.patches, cfg.output, cfg.timestep_rule):
         raise hub.CheckpointError(f"{path}: its pixel config does not follow from source {pipe.name}")
     # every embedder add_patch_sizes makes is trained, so it is read from the file below and only needs a shape
     # (the downsampled init exists only for multiples of 16, and a run may have trained an 8-px one)
-    model = add_patch_sizes(transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output),
-                            cfg.patches, init="empty")
+    model = add_patch_sizes(transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output,
+                                     timestep_rule=cfg.timestep_rule), cfg.patches, init="empty")
     trained = hub.read_tensors(path, device)
     # the plan's trained tensors, and those an earlier stage trained (a 4K run started from a 1K one)
     missing = sorted(set(trained_names(model)) - set(trained))
@@ -367,11 +387,14 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="source model (hub id or diffusers folder): print the plan's parameter counts")
-    p.add_argument("--freeze", default="released", help="freeze plan: released (default), paper or full")
-    p.add_argument("--blocks", type=int, default=5, help="main blocks trained at each end (n in the paper)")
+    p.add_argument("--freeze", default="released", choices=tuple(FREEZE_PLANS),
+                   help="freeze plan: released (default), paper or full")
+    p.add_argument("--blocks", type=runtime.non_negative_int, default=5,
+                   help="main blocks trained at each end (n in the paper)")
     p.add_argument("--export", help="an L2P checkpoint or training run folder to export as one standalone file")
-    p.add_argument("--out", type=Path, help="output file of --export")
-    p.add_argument("--dtype", default="bf16", help="dtype of the exported tensors: bf16, fp16 or fp32")
+    p.add_argument("--out", type=Path, help="output file of --export (.safetensors)")
+    p.add_argument("--dtype", default="bf16", choices=tuple(runtime.DTYPES),
+                   help="dtype of the exported tensors: bf16, fp16 or fp32")
     return p.parse_args(argv)
 
 
@@ -379,10 +402,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.export:
         if not args.out:
-            raise SystemExit("--export needs --out FILE")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+            raise ValueError("--export needs --out FILE")
+        if args.out.is_dir():
+            raise ValueError(f"--out {args.out}: is a folder; give the file to write, e.g. {args.out / 'l2p.safetensors'}")
+        runtime.writable_folder(args.out.parent)
         model, meta = load_pixel_model(args.export)
-        export_standalone(model, args.out, meta["source"], dtype)
+        export_standalone(model, args.out, meta["source"], runtime.DTYPES[args.dtype])
         print(f"wrote {args.out}")
     elif args.ckpt:
         with torch.device("meta"):  # counts only: no weights are read
@@ -392,11 +417,8 @@ def main(argv=None):
         print(f"{args.freeze} plan, n = {args.blocks}: trainable parameters {trainable:,} of {total:,} "
               f"({100 * trainable / total:.1f}%)")
     else:
-        raise SystemExit("give --ckpt (counts) or --export with --out")
+        raise ValueError("give --ckpt (counts) or --export with --out")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, hub.CheckpointError) as e:
-        raise SystemExit(f"error: {e}")
+    runtime.run_cli(main)

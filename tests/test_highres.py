@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import sample
 import transfer
-from model import DetailerHead, attention, attention_settings, key_padding_mask, patchify
+from model import DetailerHead, attention, attention_settings, key_padding_mask, patchify, shift_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_high_resolution_shift_is_bounded_and_the_schedule_stays_spread():
     mu = tokens * (sample.MAX_SHIFT - sample.BASE_SHIFT) / (sample.MAX_SEQ_LEN - sample.BASE_SEQ_LEN)
     mu += sample.BASE_SHIFT - sample.BASE_SEQ_LEN * (sample.MAX_SHIFT - sample.BASE_SHIFT) / (
         sample.MAX_SEQ_LEN - sample.BASE_SEQ_LEN)
-    linear = sample.shift_sigmas(torch.linspace(1.0, 1 / 30, 30), math.exp(mu))
+    linear = shift_sigmas(torch.linspace(1.0, 1 / 30, 30), math.exp(mu))
     assert mu > 11 and (linear > 0.99).float().mean() > 0.9
     # ours follows that line up to max_image_seq_len (diffusers parity) and is bounded beyond it
     assert sample.resolution_mu(4096, {}) == pytest.approx(sample.MAX_SHIFT)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import hub
+import runtime
 import sample
 import synth
 from fixtures import FLUX_SCHEDULERS, SD3_SCHEDULER, tiny_flux_pipeline, tiny_sd3_pipeline
@@ -151,7 +152,7 @@ def test_synth_cli_on_flux_dev(folders, tmp_path):
     out = synth.synthesize(["--ckpt", str(folders["flux-dev"]), "--prompts", str(prompts), "--out", str(tmp_path / "d"),
                             "--h", "32", "--w", "48", "--steps", "2", "--images-per-prompt", "1",
                             "--device", "cpu", "--dtype", "fp32"])
-    row = json.loads((out / synth.METADATA_FILE).read_text())
+    row = json.loads((out / runtime.CORPUS_METADATA).read_text())
     assert row["guidance"] == sample.SOURCE_DEFAULTS["flux-dev"]["guidance"] and row["shift"] == "dynamic"
     assert Image.open(out / row["file"]).size == (48, 32)
 

@@ -77,7 +77,7 @@ def test_real_corpus_has_synths_layout(tmp_path):
     import train
 
     corpus = train.Corpus(out)
-    assert len(corpus) == 6 and (corpus.height, corpus.width) == (128, 128)
+    assert len(corpus) == 6 and corpus.sizes == [(128, 128)]
     specs = [shapes.parse_prompt(r["prompt"]) for r in corpus.rows]
     images = [Image.open(out / r["file"]) for r in corpus.rows]
     assert shapes.shape_eval(specs, images)["overall"] == 1.0

@@ -10,8 +10,8 @@ import shapes
 import synth
 import train
 
-SOURCE = str(synth.BUNDLED_SOURCE)
-pytestmark = pytest.mark.skipif(not synth.BUNDLED_SOURCE.is_dir(), reason="the bundled toy source is not built")
+SOURCE = str(hub.BUNDLED_SOURCE)
+pytestmark = pytest.mark.skipif(not hub.BUNDLED_SOURCE.is_dir(), reason="the bundled toy source is not built")
 
 
 def test_bundled_source_is_a_faithful_zimage_folder():
