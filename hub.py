@@ -261,30 +261,43 @@ def is_original_zimage(tensors: dict) -> bool:
     return any(k.removeprefix(ZIMAGE_ORIGINAL_PREFIX).startswith("x_embedder.") for k in tensors)
 
 
+def zimage_transformer_tensors(tensors: dict[str, torch.Tensor], config: dict | None,
+                               where: Path | str) -> tuple[ZImageConfig, dict[str, torch.Tensor]]:
+    """The config and our names of a Z-Image transformer's tensors: original names renamed, the config from its
+    config.json fields or, for a single file (config None), from the shapes. Pure, so meta tensors of a
+    header's shapes work too."""
+    if is_original_zimage(tensors):
+        tensors = zimage_from_original(tensors)
+    if config is not None:
+        if config.get("_class_name", "ZImageTransformer2DModel") != "ZImageTransformer2DModel":
+            raise CheckpointError(f"{where}/config.json: _class_name {config['_class_name']!r}, "
+                                  "expected ZImageTransformer2DModel")
+        return ZImageConfig.from_dict(config), tensors
+    if "all_x_embedder.2-1.weight" not in tensors:
+        raise CheckpointError(f"{where}: not a Z-Image transformer (looked for x_embedder.weight or "
+                              "all_x_embedder.2-1.weight, and layers.0.adaLN_modulation.0.weight)")
+    return zimage_config_from_tensors(tensors), tensors
+
+
 def load_zimage_transformer(location: Path, dtype: torch.dtype, device) -> ZImageDiT:
     """A diffusers transformer folder (config.json + safetensors, sharded or not) or an original single file."""
     tensors = read_tensors(location, device)
-    if is_original_zimage(tensors):
-        tensors = zimage_from_original(tensors)
-    if location.is_dir():
-        config_dict = read_json(location / "config.json")
-        if config_dict.get("_class_name", "ZImageTransformer2DModel") != "ZImageTransformer2DModel":
-            raise CheckpointError(f"{location}/config.json: _class_name {config_dict['_class_name']!r}, "
-                                  "expected ZImageTransformer2DModel")
-        cfg = ZImageConfig.from_dict(config_dict)
-    else:
-        if "all_x_embedder.2-1.weight" not in tensors:
-            raise CheckpointError(f"{location}: not a Z-Image transformer (looked for x_embedder.weight or "
-                                  "all_x_embedder.2-1.weight, and layers.0.adaLN_modulation.0.weight)")
-        cfg = zimage_config_from_tensors(tensors)
+    config = read_json(location / "config.json") if location.is_dir() else None
+    cfg, tensors = zimage_transformer_tensors(tensors, config, location)
     return load_module(lambda: ZImageDiT(cfg), tensors, location, dtype, device)
 
 
+def qwen3_tensors(tensors: dict[str, torch.Tensor], cfg: Qwen3Config) -> dict[str, torch.Tensor]:
+    """The tensors our encoder holds: an optional `model.` prefix (causal-LM checkpoints) stripped, and what
+    hidden_states[-2] never reads dropped (Qwen3TextEncoder.unused_keys). Pure, so meta tensors work too."""
+    tensors = {k.removeprefix("model."): t for k, t in tensors.items()}
+    return {k: t for k, t in tensors.items() if not Qwen3TextEncoder.unused_keys(cfg, k)}
+
+
 def load_qwen3(location: Path, dtype: torch.dtype, device) -> Qwen3TextEncoder:
-    """A transformers Qwen3 folder; an optional `model.` prefix (causal-LM checkpoints) is stripped."""
+    """A transformers Qwen3 folder (a Qwen3Model's, or a causal LM's: see qwen3_tensors)."""
     cfg = Qwen3Config.from_dict(read_json(location / "config.json"))
-    tensors = {k.removeprefix("model."): t for k, t in read_tensors(location, device).items()}
-    tensors = {k: t for k, t in tensors.items() if not Qwen3TextEncoder.unused_keys(cfg, k)}
+    tensors = qwen3_tensors(read_tensors(location, device), cfg)
     return load_module(lambda: Qwen3TextEncoder(cfg), tensors, location, dtype, device)
 
 
@@ -689,16 +702,25 @@ def load_mmdit_transformer(location: Path, dtype: torch.dtype, device, family: s
     read), BFL's flux1-{schnell,dev}.safetensors (no prefix; ComfyUI repacks under `model.diffusion_model.`), or a
     diffusers-named file. A single file's config is inferred from its shapes unless `config` (config.json fields)
     is given."""
-    config_class, model_class, class_name, markers, what, from_original, config_from_tensors = MMDIT_FORMATS[family]
+    _, model_class, class_name, markers, what, _, _ = MMDIT_FORMATS[family]
     if location.is_dir():
-        cfg = config_class.from_dict(hub_config(location, class_name))
+        config = hub_config(location, class_name)
         tensors = read_tensors(location, device)
     else:
         tensors = read_component(location, (SAI_PREFIX, ""), markers, what, device)
-        if markers[0] in tensors:  # the original (SAI / BFL) names
-            tensors = from_original(tensors, location)
-        cfg = config_class.from_dict(config) if config else config_from_tensors(tensors, location)
+    cfg, tensors = mmdit_tensors(family, tensors, config, location)
     return load_module(lambda: model_class(cfg), tensors, location, dtype, device)
+
+
+def mmdit_tensors(family: str, tensors: dict[str, torch.Tensor], config: dict | None,
+                  where: Path | str) -> tuple[SD3Config | FluxConfig, dict[str, torch.Tensor]]:
+    """The config and our (diffusers) names of an SD3 / FLUX transformer's tensors (prefix already removed):
+    original (SAI / BFL) names renamed, the config from config.json fields or else from the shapes. Pure, so meta
+    tensors of a header's shapes work too."""
+    config_class, _, _, markers, _, from_original, config_from_tensors = MMDIT_FORMATS[family]
+    if markers[0] in tensors:  # the original names
+        tensors = from_original(tensors, where)
+    return (config_class.from_dict(config) if config else config_from_tensors(tensors, where)), tensors
 
 
 MMDIT_FORMATS = {  # config, model, diffusers class, marker keys (original first), what it is, name and config mapping
