@@ -159,14 +159,65 @@ def safetensors_files(location: Path) -> list[Path]:
     raise CheckpointError(f"{location}: no weights found (expected {names}, or a sharded index json)")
 
 
+# Quantized re-saves (SDNQ, bitsandbytes, ComfyUI's scaled int8 / fp8) store other tensors than the weights our
+# modules hold, so loading one would only end in a key-mismatch list; they are named and refused instead.
+# Tensor-name suffixes that only a quantized file has -> the method they belong to (bitsandbytes stores
+# `<weight>.absmax`, `.quant_map` and `.quant_state.bitsandbytes__<type>` beside each packed weight; ComfyUI's
+# int8 / fp8 repacks a `.weight_scale` and a `.comfy_quant` marker).
+QUANTIZED_KEY_SUFFIXES = {".absmax": "bitsandbytes", ".quant_map": "bitsandbytes", ".weight_scale": "scaled int8 / fp8",
+                          ".comfy_quant": "ComfyUI int8 / fp8"}
+BNB_QUANT_STATE = re.compile(r"\.quant_state\.bitsandbytes__(\w+)$")  # its suffix names the 4-bit type: nf4, fp4
+
+
+def config_quantization(config: dict) -> str | None:
+    """The method of a `quantization_config` block (what diffusers / transformers / SDNQ add to config.json, or
+    SDNQ's quantization_config.json), e.g. "SDNQ uint4", "bitsandbytes nf4"; None when there is none."""
+    if not config:
+        return None
+    method = str(config.get("quant_method", "unknown method"))
+    if method == "sdnq":
+        return f"SDNQ {config.get('weights_dtype', '')}".strip()
+    if method == "bitsandbytes":
+        four_bit = config.get("load_in_4bit") or config.get("_load_in_4bit")
+        return f"bitsandbytes {config.get('bnb_4bit_quant_type', 'fp4') if four_bit else 'int8'}"
+    return method
+
+
+def keys_quantization(keys: list[str]) -> str | None:
+    """The method whose bookkeeping tensors appear among `keys` (see QUANTIZED_KEY_SUFFIXES), else None; a
+    bitsandbytes quant state names its type."""
+    types = [state[1] for key in keys if (state := BNB_QUANT_STATE.search(key))]
+    if types:
+        return f"bitsandbytes {types[0]}"
+    for key in keys:
+        for suffix, method in QUANTIZED_KEY_SUFFIXES.items():
+            if key.endswith(suffix):
+                return f"{method}, tensors such as {key}"
+    return None
+
+
+def refuse_quantized(where: Path, method: str | None) -> None:
+    if method:
+        raise CheckpointError(f"{where}: a quantized checkpoint ({method}); this project loads full-precision weights "
+                              "(fp32, bf16 or fp16) only: use the original, unquantized checkpoint")
+
+
 def open_safetensors(location: Path, device: torch.device | str = "cpu") -> list[tuple[Path, object]]:
-    """Open every file of a component, which reads and checks its header but no tensor data."""
+    """Open every file of a component, which reads and checks its header but no tensor data. A quantized component
+    (by its folder's config.json or quantization_config.json, or by its tensor names) is refused here, before any
+    tensor is read."""
+    if location.is_dir():
+        config, sdnq = location / "config.json", location / "quantization_config.json"  # SDNQ writes both
+        for block in (read_json(config).get("quantization_config") if config.is_file() else None,
+                      read_json(sdnq) if sdnq.is_file() else None):
+            refuse_quantized(location, config_quantization(block))
     opened = []
     for f in safetensors_files(location):
         try:
             opened.append((f, safe_open(str(f), framework="pt", device=str(device))))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
+        refuse_quantized(f, keys_quantization(list(opened[-1][1].keys())))
     return opened
 
 

@@ -10,11 +10,13 @@ unexpected or differently shaped tensor.
 import gzip
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import hub
 import sample
@@ -35,6 +37,7 @@ ZIMAGE_ORIGINAL = f"{ZIMAGE}/single_file_keys/invokeai_z_image_transformer_comfy
 L2P_RELEASE = "L2P/DERIVED_model-1k-merge.tensor_shapes.json"
 FLUX_BFL = f"{FLUX_DEV}/single_file_keys/DERIVED_flux1-dev.safetensors.tensor_shapes.json"
 FLUX_INDEX = f"{FLUX_DEV}/transformer/diffusion_pytorch_model.safetensors.index.json.gz"
+FLUX_INT8 = f"{FLUX_DEV}/single_file_keys/invokeai_flux1_dev_int8_convrot_keys.json"
 # The model_hash DiffSynth-Studio publishes for each real file (diffsynth/configs/model_configs.py, as copied in
 # vinx6903/T2I-L2P @ fb5f989): a list whose hash matches has exactly the real file's names and shapes.
 PUBLISHED_HASHES = {
@@ -287,3 +290,96 @@ def test_a_renamed_key_or_a_changed_shape_is_reported():
     assert shape_diff(meta_tensors(renamed), real) == ["only ours: layers.0.attention.to_qkv.weight",
                                                        "only real: layers.0.attention.to_q.weight"]
     assert shape_diff(meta_tensors(reshaped), real) == ["cap_embedder.1.weight: ours (3840, 2048), real (3840, 2560)"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantized re-saves are refused by name, before any tensor is read
+
+
+class HeaderOnly:
+    """A safetensors handle whose tensors may not be read."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, key):
+        raise AssertionError(f"tensor {key} was read")
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch):
+    """A load that reads a tensor fails the test: a refusal must come from configs and headers alone."""
+    opener = hub.safe_open
+    monkeypatch.setattr(hub, "safe_open", lambda *args, **kwargs: HeaderOnly(opener(*args, **kwargs)))
+
+
+def quantized_copy(pipeline_dir: Path, tmp_path: Path, component: str, **extra: dict) -> Path:
+    """The tiny pipeline with `component`'s config.json given extra top-level fields."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline_dir, folder)
+    config = json.loads((folder / component / "config.json").read_text())
+    (folder / component / "config.json").write_text(json.dumps(config | extra))
+    return folder
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder"])
+def test_sdnq_pipeline_is_refused(pipeline_dir, tmp_path, no_tensor_reads, component):
+    """The real quantization_config block of the SDNQ re-save of Z-Image-Turbo, in the tiny pipeline's configs."""
+    block = golden(f"{SDNQ}/{component}/config.json")["quantization_config"]
+    folder = quantized_copy(pipeline_dir, tmp_path, component, quantization_config=block)
+    with pytest.raises(hub.CheckpointError, match=rf"{component}: a quantized checkpoint \(SDNQ uint4\); this project "
+                                                  r"loads full-precision weights \(fp32, bf16 or fp16\)"):
+        hub.load_pipeline(str(folder))
+
+
+def test_sdnq_quantization_config_json_beside_is_refused(pipeline_dir, tmp_path, no_tensor_reads):
+    folder = quantized_copy(pipeline_dir, tmp_path, "transformer")
+    shutil.copy(GOLDEN / SDNQ / "transformer" / "quantization_config.json", folder / "transformer")
+    with pytest.raises(hub.CheckpointError, match=r"transformer: a quantized checkpoint \(SDNQ uint4\)"):
+        hub.load_pipeline(str(folder), parts=("transformer",))
+
+
+def test_bitsandbytes_config_is_named():
+    config = golden(f"{SCHNELL_BNB}/transformer/config.json")["quantization_config"]
+    assert hub.config_quantization(config) == "bitsandbytes nf4"
+
+
+def tiny_file(path: Path, names) -> Path:
+    """A safetensors file with the given tensor names (a zero each): its header is all a refusal may read."""
+    save_file({name: torch.zeros(1) for name in names}, path)
+    return path
+
+
+def test_bitsandbytes_t5_file_is_refused(tmp_path, no_tensor_reads):
+    """The real tensor names of the bitsandbytes-nf4 T5 of a FLUX.1-schnell re-save (.absmax, .quant_map,
+    .quant_state.bitsandbytes__nf4 beside each weight)."""
+    names = golden(f"{SCHNELL_BNB}/text_encoder_2/model.safetensors.index.json")["weight_map"]
+    path = tiny_file(tmp_path / "t5xxl_nf4.safetensors", names)
+    with pytest.raises(hub.CheckpointError, match=r"t5xxl_nf4.safetensors: a quantized checkpoint \(bitsandbytes nf4\)"):
+        hub.load_t5(path, torch.float32, "cpu")
+
+
+def test_scaled_int8_flux_file_is_refused(tmp_path, no_tensor_reads):
+    """The real tensor names of a community int8 repack of flux1-dev (.weight_scale, .comfy_quant)."""
+    path = tiny_file(tmp_path / "flux1-dev-int8.safetensors", golden(FLUX_INT8)["tensors"])
+    with pytest.raises(hub.CheckpointError, match=r"a quantized checkpoint \(.*(weight_scale|comfy_quant)\)"):
+        hub.load_flux_transformer(path, torch.float32, "cpu")
+
+
+def test_derivative_extra_fields_do_not_stop_a_load(pipeline_dir, tmp_path):
+    """The re-saves' other added fields (_name_or_path, dtype, layer_types, transformers_version, ...) on the tiny
+    pipeline's configs: it still loads."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline_dir, folder)
+    for component, real in (("transformer", golden(f"{SDNQ}/transformer/config.json")),
+                            ("text_encoder", golden(f"{SDNQ}/text_encoder/config.json"))):
+        path = folder / component / "config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps(config | without({k: v for k, v in real.items() if k not in config},
+                                                    "quantization_config")))
+    assert "layer_types" in json.loads((folder / "text_encoder" / "config.json").read_text())
+    pipe = hub.load_pipeline(str(folder), parts=("transformer", "text"))
+    assert pipe.transformer is not None and pipe.text is not None
