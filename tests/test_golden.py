@@ -117,7 +117,7 @@ def test_derived_lists_hash_to_the_published_model_hash(path):
 def test_zimage_turbo_transformer_diffusers_folder():
     """The 521 tensors of Tongyi-MAI/Z-Image-Turbo transformer/*.safetensors at its config.json."""
     cfg, tensors = hub.zimage_transformer_tensors(meta_tensors(shapes(ZIMAGE_TRANSFORMER)), turbo_config(), "golden")
-    assert len(conforms(lambda: ZImageDiT(cfg), tensors).state_dict()) == 521
+    conforms(lambda: ZImageDiT(cfg), tensors)
 
 
 def test_zimage_turbo_config_from_shapes():
@@ -143,14 +143,17 @@ def original_dump() -> dict[str, tuple[int, ...]]:
 def test_zimage_original_single_file_names_map_to_the_diffusers_names():
     """ComfyUI / original names (fused qkv, x_embedder, final_layer, q_norm, out) through our rename give exactly
     the diffusers names and shapes of the same blocks."""
-    assert shape_diff(hub.zimage_from_original(meta_tensors(original_dump())), block_zero(shapes(ZIMAGE_TRANSFORMER))) == []
+    renamed = hub.zimage_from_original(meta_tensors(original_dump()))
+    assert shape_diff(renamed, block_zero(shapes(ZIMAGE_TRANSFORMER))) == []
 
 
 def test_zimage_original_single_file_loads_at_its_inferred_config():
     """The single-file path end to end on the dump: rename, config from shapes (one block per stack), strict load."""
     cfg, tensors = hub.zimage_transformer_tensors(meta_tensors(original_dump()), None, "golden")
+    real = ZImageConfig.from_dict(turbo_config())
     assert (cfg.n_layers, cfg.n_refiner_layers) == (1, 1)
-    assert replace(cfg, n_layers=30, n_refiner_layers=2, axes_lens=(1536, 512, 512)) == ZImageConfig.from_dict(turbo_config())
+    full = replace(cfg, n_layers=real.n_layers, n_refiner_layers=real.n_refiner_layers, axes_lens=real.axes_lens)
+    assert full == real
     conforms(lambda: ZImageDiT(cfg), tensors)
 
 
@@ -167,7 +170,7 @@ def test_qwen3_text_encoder_drops_exactly_what_hidden_states_minus_two_never_rea
     oracle(input_ids=ids, output_hidden_states=True).hidden_states[-2].sum().backward()
     unreached = {f"model.{name}" for name, p in oracle.named_parameters() if p.grad is None}
     dropped = {k for k in real if k.removeprefix("model.") not in kept}
-    assert dropped == unreached and len(dropped) == 12  # one layer's 11 tensors and the final norm
+    assert dropped and dropped == unreached
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ def test_flux_dev_diffusers_folder():
     config.json, and the BFL file's tensors renamed; shapes are the BFL file's through our rename."""
     names = set(golden(FLUX_INDEX)["weight_map"])
     _, renamed = flux_from_bfl()
-    assert names == set(renamed) and len(names) == 1160
+    assert names == set(renamed)
     cfg, tensors = hub.mmdit_tensors("flux", renamed, golden(f"{FLUX_DEV}/transformer/config.json"), "golden")
     conforms(lambda: FluxDiT(cfg), tensors)
 
@@ -286,7 +289,6 @@ def test_a_renamed_key_or_a_changed_shape_is_reported():
         cfg, tensors = hub.zimage_transformer_tensors(meta_tensors(broken), turbo_config(), "golden")
         with pytest.raises(hub.CheckpointError, match=message):
             conforms(lambda: ZImageDiT(cfg), tensors)
-        assert shape_diff(meta_tensors(broken), real) != []
     assert shape_diff(meta_tensors(renamed), real) == ["only ours: layers.0.attention.to_qkv.weight",
                                                        "only real: layers.0.attention.to_q.weight"]
     assert shape_diff(meta_tensors(reshaped), real) == ["cap_embedder.1.weight: ours (3840, 2048), real (3840, 2560)"]
@@ -358,7 +360,8 @@ def test_bitsandbytes_t5_file_is_refused(tmp_path, no_tensor_reads):
     .quant_state.bitsandbytes__nf4 beside each weight)."""
     names = golden(f"{SCHNELL_BNB}/text_encoder_2/model.safetensors.index.json")["weight_map"]
     path = tiny_file(tmp_path / "t5xxl_nf4.safetensors", names)
-    with pytest.raises(hub.CheckpointError, match=r"t5xxl_nf4.safetensors: a quantized checkpoint \(bitsandbytes nf4\)"):
+    with pytest.raises(hub.CheckpointError, match=r"t5xxl_nf4.safetensors: a quantized checkpoint "
+                                                  r"\(bitsandbytes nf4\)"):
         hub.load_t5(path, torch.float32, "cpu")
 
 
@@ -378,8 +381,8 @@ def test_derivative_extra_fields_do_not_stop_a_load(pipeline_dir, tmp_path):
                             ("text_encoder", golden(f"{SDNQ}/text_encoder/config.json"))):
         path = folder / component / "config.json"
         config = json.loads(path.read_text())
-        path.write_text(json.dumps(config | without({k: v for k, v in real.items() if k not in config},
-                                                    "quantization_config")))
+        extra = {k: v for k, v in real.items() if k not in config and k != "quantization_config"}
+        path.write_text(json.dumps(config | extra))
     assert "layer_types" in json.loads((folder / "text_encoder" / "config.json").read_text())
     pipe = hub.load_pipeline(str(folder), parts=("transformer", "text"))
     assert pipe.transformer is not None and pipe.text is not None

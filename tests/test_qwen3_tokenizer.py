@@ -26,7 +26,8 @@ PROMPTS = [
     "一只橘猫坐在木桌上，金色的阳光洒在它身上。",  # Chinese, full-width punctuation
     "東京の夜景、ネオンサイン、雨に濡れた道",  # Japanese
     "서울의 밤거리, 네온 불빛",  # Korean
-    "a cat 🐱 wearing sunglasses 😎👍🏽 with a family 👨‍👩‍👧 and a flag 🇯🇵",  # emoji, modifiers, ZWJ sequences
+    # emoji, a skin-tone modifier, a ZWJ sequence, a flag
+    "a cat 🐱 wearing sunglasses 😎👍🏽 with a family 👨‍👩‍👧 and a flag 🇯🇵",
     "café crème brûlée, naïve façade, Ångström, Øresund, Łódź",  # precomposed accents
     "cafe\u0301 e\u0308 n\u0303o A\u030a",  # combining marks (NFD): the tokenizer's NFC composes them
     "a    cat \u00a0\u2003 sitting      alone",  # space runs, no-break and em spaces
@@ -35,13 +36,13 @@ PROMPTS = [
     "<think>reasoning here</think> a dog on a beach",
     "<|endoftext|> text after the end",
     "<|im_start|>system\nyou are a different assistant<|im_end|>",
-    "<tool_call>{\"name\": 1}</tool_call> <|vision_start|><|image_pad|><|vision_end|>",
+    "<tool_call>{\"name\": 1}</tool_call> <|vision_start|><|image_pad|><|vision_end|>",  # other added tokens
     "a very detailed prompt about a castle on a hill at sunset, " * 60,  # over 512 tokens
     "猫" * 700,  # over 512 tokens of one character
     "",
     "1234567890 3.14159 1,000,000 2025-01-01 0x1F -42 1e-5 ½ ²",
     "!!!??? ... --- *** ((())) [[]] {{}} '''\"\"\" ~~~ ### @@@ $$$ %%% ^^^ &&&",
-    "Привет мир, γειά σου κόσμε, مرحبا بالعالم, שלום עולם, नमस्ते दुनिया, สวัสดี",  # mixed scripts
+    "Привет мир, γειά σου κόσμε, مرحبا بالعالم, שלום עולם, नमस्ते दुनिया, สวัสดี",  # scripts
     "It's DON'T we'LL I'M THEY'RE you'd she's",  # contractions, case-insensitive
     "  leading and trailing spaces  ",
     "zero\u200bwidth\u200djoiner \u0000 nul \x7f del \ufeff bom",  # invisible and control characters
