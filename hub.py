@@ -166,14 +166,65 @@ def safetensors_files(location: Path) -> list[Path]:
     raise CheckpointError(f"{location}: no weights found (expected {names}, or a sharded index json)")
 
 
+# Quantized re-saves (SDNQ, bitsandbytes, ComfyUI's scaled int8 / fp8) store other tensors than the weights our
+# modules hold, so loading one would only end in a key-mismatch list; they are named and refused instead.
+# Tensor-name suffixes that only a quantized file has -> the method they belong to (bitsandbytes stores
+# `<weight>.absmax`, `.quant_map` and `.quant_state.bitsandbytes__<type>` beside each packed weight; ComfyUI's
+# int8 / fp8 repacks a `.weight_scale` and a `.comfy_quant` marker).
+QUANTIZED_KEY_SUFFIXES = {".absmax": "bitsandbytes", ".quant_map": "bitsandbytes", ".weight_scale": "scaled int8 / fp8",
+                          ".comfy_quant": "ComfyUI int8 / fp8"}
+BNB_QUANT_STATE = re.compile(r"\.quant_state\.bitsandbytes__(\w+)$")  # its suffix names the 4-bit type: nf4, fp4
+
+
+def config_quantization(config: dict) -> str | None:
+    """The method of a `quantization_config` block (what diffusers / transformers / SDNQ add to config.json, or
+    SDNQ's quantization_config.json), e.g. "SDNQ uint4", "bitsandbytes nf4"; None when there is none."""
+    if not config:
+        return None
+    method = str(config.get("quant_method", "unknown method"))
+    if method == "sdnq":
+        return f"SDNQ {config.get('weights_dtype', '')}".strip()
+    if method == "bitsandbytes":
+        four_bit = config.get("load_in_4bit") or config.get("_load_in_4bit")
+        return f"bitsandbytes {config.get('bnb_4bit_quant_type', 'fp4') if four_bit else 'int8'}"
+    return method
+
+
+def keys_quantization(keys: list[str]) -> str | None:
+    """The method whose bookkeeping tensors appear among `keys` (see QUANTIZED_KEY_SUFFIXES), else None; a
+    bitsandbytes quant state names its type."""
+    types = [state[1] for key in keys if (state := BNB_QUANT_STATE.search(key))]
+    if types:
+        return f"bitsandbytes {types[0]}"
+    for key in keys:
+        for suffix, method in QUANTIZED_KEY_SUFFIXES.items():
+            if key.endswith(suffix):
+                return f"{method}, tensors such as {key}"
+    return None
+
+
+def refuse_quantized(where: Path, method: str | None) -> None:
+    if method:
+        raise CheckpointError(f"{where}: a quantized checkpoint ({method}); this project loads full-precision weights "
+                              "(fp32, bf16 or fp16) only: use the original, unquantized checkpoint")
+
+
 def open_safetensors(location: Path, device: torch.device | str = "cpu") -> list[tuple[Path, object]]:
-    """Open every file of a component, which reads and checks its header but no tensor data."""
+    """Open every file of a component, which reads and checks its header but no tensor data. A quantized component
+    (by its folder's config.json or quantization_config.json, or by its tensor names) is refused here, before any
+    tensor is read."""
+    if location.is_dir():
+        config, sdnq = location / "config.json", location / "quantization_config.json"  # SDNQ writes both
+        for block in (read_json(config).get("quantization_config") if config.is_file() else None,
+                      read_json(sdnq) if sdnq.is_file() else None):
+            refuse_quantized(location, config_quantization(block))
     opened = []
     for f in safetensors_files(location):
         try:
             opened.append((f, safe_open(str(f), framework="pt", device=str(device))))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
+        refuse_quantized(f, keys_quantization(list(opened[-1][1].keys())))
     return opened
 
 
@@ -268,30 +319,43 @@ def is_original_zimage(tensors: dict) -> bool:
     return any(k.removeprefix(ZIMAGE_ORIGINAL_PREFIX).startswith("x_embedder.") for k in tensors)
 
 
+def zimage_transformer_tensors(tensors: dict[str, torch.Tensor], config: dict | None,
+                               where: Path | str) -> tuple[ZImageConfig, dict[str, torch.Tensor]]:
+    """The config and our names of a Z-Image transformer's tensors: original names renamed, the config from its
+    config.json fields or, for a single file (config None), from the shapes. Pure, so meta tensors of a
+    header's shapes work too."""
+    if is_original_zimage(tensors):
+        tensors = zimage_from_original(tensors)
+    if config is not None:
+        if config.get("_class_name", "ZImageTransformer2DModel") != "ZImageTransformer2DModel":
+            raise CheckpointError(f"{where}/config.json: _class_name {config['_class_name']!r}, "
+                                  "expected ZImageTransformer2DModel")
+        return ZImageConfig.from_dict(config), tensors
+    if "all_x_embedder.2-1.weight" not in tensors:
+        raise CheckpointError(f"{where}: not a Z-Image transformer (looked for x_embedder.weight or "
+                              "all_x_embedder.2-1.weight, and layers.0.adaLN_modulation.0.weight)")
+    return zimage_config_from_tensors(tensors), tensors
+
+
 def load_zimage_transformer(location: Path, dtype: torch.dtype, device) -> ZImageDiT:
     """A diffusers transformer folder (config.json + safetensors, sharded or not) or an original single file."""
     tensors = read_tensors(location, device)
-    if is_original_zimage(tensors):
-        tensors = zimage_from_original(tensors)
-    if location.is_dir():
-        config_dict = read_json(location / "config.json")
-        if config_dict.get("_class_name", "ZImageTransformer2DModel") != "ZImageTransformer2DModel":
-            raise CheckpointError(f"{location}/config.json: _class_name {config_dict['_class_name']!r}, "
-                                  "expected ZImageTransformer2DModel")
-        cfg = ZImageConfig.from_dict(config_dict)
-    else:
-        if "all_x_embedder.2-1.weight" not in tensors:
-            raise CheckpointError(f"{location}: not a Z-Image transformer (looked for x_embedder.weight or "
-                                  "all_x_embedder.2-1.weight, and layers.0.adaLN_modulation.0.weight)")
-        cfg = zimage_config_from_tensors(tensors)
+    config = read_json(location / "config.json") if location.is_dir() else None
+    cfg, tensors = zimage_transformer_tensors(tensors, config, location)
     return load_module(lambda: ZImageDiT(cfg), tensors, location, dtype, device)
 
 
+def qwen3_tensors(tensors: dict[str, torch.Tensor], cfg: Qwen3Config) -> dict[str, torch.Tensor]:
+    """The tensors our encoder holds: an optional `model.` prefix (causal-LM checkpoints) stripped, and what
+    hidden_states[-2] never reads dropped (Qwen3TextEncoder.unused_keys). Pure, so meta tensors work too."""
+    tensors = {k.removeprefix("model."): t for k, t in tensors.items()}
+    return {k: t for k, t in tensors.items() if not Qwen3TextEncoder.unused_keys(cfg, k)}
+
+
 def load_qwen3(location: Path, dtype: torch.dtype, device) -> Qwen3TextEncoder:
-    """A transformers Qwen3 folder; an optional `model.` prefix (causal-LM checkpoints) is stripped."""
+    """A transformers Qwen3 folder (a Qwen3Model's, or a causal LM's: see qwen3_tensors)."""
     cfg = Qwen3Config.from_dict(read_json(location / "config.json"))
-    tensors = {k.removeprefix("model."): t for k, t in read_tensors(location, device).items()}
-    tensors = {k: t for k, t in tensors.items() if not Qwen3TextEncoder.unused_keys(cfg, k)}
+    tensors = qwen3_tensors(read_tensors(location, device), cfg)
     return load_module(lambda: Qwen3TextEncoder(cfg), tensors, location, dtype, device)
 
 
@@ -696,16 +760,25 @@ def load_mmdit_transformer(location: Path, dtype: torch.dtype, device, family: s
     read), BFL's flux1-{schnell,dev}.safetensors (no prefix; ComfyUI repacks under `model.diffusion_model.`), or a
     diffusers-named file. A single file's config is inferred from its shapes unless `config` (config.json fields)
     is given."""
-    config_class, model_class, class_name, markers, what, from_original, config_from_tensors = MMDIT_FORMATS[family]
+    _, model_class, class_name, markers, what, _, _ = MMDIT_FORMATS[family]
     if location.is_dir():
-        cfg = config_class.from_dict(hub_config(location, class_name))
+        config = hub_config(location, class_name)
         tensors = read_tensors(location, device)
     else:
         tensors = read_component(location, (SAI_PREFIX, ""), markers, what, device)
-        if markers[0] in tensors:  # the original (SAI / BFL) names
-            tensors = from_original(tensors, location)
-        cfg = config_class.from_dict(config) if config else config_from_tensors(tensors, location)
+    cfg, tensors = mmdit_tensors(family, tensors, config, location)
     return load_module(lambda: model_class(cfg), tensors, location, dtype, device)
+
+
+def mmdit_tensors(family: str, tensors: dict[str, torch.Tensor], config: dict | None,
+                  where: Path | str) -> tuple[SD3Config | FluxConfig, dict[str, torch.Tensor]]:
+    """The config and our (diffusers) names of an SD3 / FLUX transformer's tensors (prefix already removed):
+    original (SAI / BFL) names renamed, the config from config.json fields or else from the shapes. Pure, so meta
+    tensors of a header's shapes work too."""
+    config_class, _, _, markers, _, from_original, config_from_tensors = MMDIT_FORMATS[family]
+    if markers[0] in tensors:  # the original names
+        tensors = from_original(tensors, where)
+    return (config_class.from_dict(config) if config else config_from_tensors(tensors, where)), tensors
 
 
 MMDIT_FORMATS = {  # config, model, diffusers class, marker keys (original first), what it is, name and config mapping

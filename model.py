@@ -177,7 +177,9 @@ class ZImageConfig(HubConfig):
     rope_theta: float = 256.0
     t_scale: float = 1000.0
     axes_dims: tuple[int, ...] = (32, 48, 48)
-    axes_lens: tuple[int, ...] = (1024, 512, 512)  # size of the reference's RoPE tables; we compute any position
+    # diffusers' default; Z-Image-Turbo's config.json says (1536, 512, 512). Only the size of the reference's RoPE
+    # tables: we compute any position, so a config inferred from shapes may keep the default.
+    axes_lens: tuple[int, ...] = (1024, 512, 512)
     final_layer: bool = True  # False for the pixel model, whose Detailer Head replaces it
     # How sigma becomes the model's time (`zimage_time`): "exact" as diffusers computes it, or "official" as the
     # released L2P code does, in bfloat16. Not a hub field: a pixel model records the rule it was trained with.

@@ -102,6 +102,16 @@ def tiny_zimage_pipeline(folder: Path, seed: int = 0, scheduler: dict | None = N
     return folder
 
 
+def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PixelDiT state dict under the official L2P release's names (Z-Image keys, all_x_embedder.16-1.*,
+    local_decoder.*), in bf16 as released."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace("detailer_head.", "local_decoder.", 1) if k.startswith("detailer_head.") else k.removeprefix("backbone.")
+        out[k] = v.to(torch.bfloat16).contiguous()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # SD3 / FLUX text encoders and their tokenizers (hub_formats.md 5 and 13.3)
 

@@ -23,6 +23,7 @@ import sample
 import synth
 import train
 import transfer
+from fixtures import to_official
 from model import PixelDiT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,22 +155,14 @@ def test_a_step_moves_trained_tensors_only(pipeline_dir, plan):
 # checkpoints: official release, standalone export, source hash
 
 
-def to_official(model: PixelDiT) -> dict[str, torch.Tensor]:
-    """Our names -> the release's (Z-Image keys, all_x_embedder.16-1.*, local_decoder.*), in bf16 as released."""
-    out = {}
-    for k, v in model.state_dict().items():
-        k = k.replace("detailer_head.", "local_decoder.", 1) if k.startswith("detailer_head.") else k.removeprefix("backbone.")
-        out[k] = v.to(torch.bfloat16).contiguous()
-    return out
-
-
 @pytest.fixture(scope="session")
 def official_release(tmp_path_factory, pipeline_dir) -> tuple[Path, PixelDiT]:
-    """A fake of zhen-nan/L2P's model-1k-merge.safetensors from a tiny transfer: the release's names, bf16."""
+    """A fake of zhen-nan/L2P's model-1k-merge.safetensors from a tiny transfer: the release's names, bf16. That
+    these names are the real file's is checked at full size in test_golden.py (test_official_l2p_release)."""
     source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
     model = transfer.transfer(source, head_widths=(8, 16, 32, 64), verbose=False, timestep_rule="official")
     path = tmp_path_factory.mktemp("release") / "model-1k-merge.safetensors"
-    save_file(to_official(model), path)
+    save_file(to_official(model.state_dict()), path)
     model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
     return path, model
 
