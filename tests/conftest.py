@@ -1,13 +1,21 @@
-"""Session fixtures: one tiny Z-Image pipeline folder, and the other layouts a user may hold of it."""
+"""Session fixtures: one tiny Z-Image pipeline folder, the other layouts a user may hold of it, and a tiny corpus
+synthesised from it; and how tests run a script as a user does."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fixtures import tiny_zimage_pipeline
+import hub
+import synth
+import transfer
+from fixtures import tiny_zimage_pipeline, to_official
+from model import PixelDiT
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -16,6 +24,13 @@ FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 def pipeline_dir(tmp_path_factory) -> Path:
     """A ZImagePipeline saved by diffusers' save_pretrained: the real folder layout and key names."""
     return tiny_zimage_pipeline(tmp_path_factory.mktemp("tiny-zimage") / "pipe")
+
+
+@pytest.fixture
+def pipeline_copy(pipeline_dir, tmp_path):
+    copy = tmp_path / "pipe"
+    shutil.copytree(pipeline_dir, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +78,55 @@ def original_transformer_file(tmp_path_factory, pipeline_dir) -> Path:
     path = tmp_path_factory.mktemp("original") / "z_image_turbo_bf16.safetensors"
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in to_original_zimage(tensors).items()}, path)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recipe's inputs: a corpus from the tiny source, and training flags that keep CPU steps fast
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAD = "8,16,32,64"  # a narrow Detailer Head keeps CPU steps fast; the layout is the paper's
+SIZE = ["--h", "64", "--w", "96"]  # a 4 x 6 token grid: 24 image tokens, padded to 32 with the pad token
+PROMPTS = ["a red circle", "a blue square on white", "three green triangles", "a yellow star above a cat"]
+
+
+def run_script(script: str, *args: str, nproc: int = 1, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
+    """A script as a user runs it; under torchrun (gloo on CPU) when nproc > 1."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / script), *args]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, pipeline_dir, prompt_file) -> Path:
+    """8 images (4 prompts x 2 seeds) synthesised by the tiny source."""
+    out = tmp_path_factory.mktemp("corpus") / "data"
+    synth.synthesize(["--ckpt", str(pipeline_dir), "--prompts", str(prompt_file), "--out", str(out), *SIZE,
+                      "--steps", "2", "--batch-size", "3"])
+    return out
+
+
+def train_args(pipeline_dir, corpus, out, *extra) -> list[str]:
+    return ["--ckpt", str(pipeline_dir), "--data", str(corpus), "--out", str(out), "--head-widths", HEAD,
+            "--blocks", "1", "--lr", "1e-3", "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def official_release(tmp_path_factory, pipeline_dir) -> tuple[Path, PixelDiT]:
+    """A fake of zhen-nan/L2P's model-1k-merge.safetensors from a tiny transfer: the release's names, bf16. That
+    these names are the real file's is checked at full size in test_golden.py (test_official_l2p_release)."""
+    source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
+    model = transfer.transfer(source, head_widths=(8, 16, 32, 64), verbose=False, timestep_rule="official")
+    path = tmp_path_factory.mktemp("release") / "model-1k-merge.safetensors"
+    save_file(to_official(model.state_dict()), path)
+    model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    return path, model

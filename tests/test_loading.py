@@ -101,13 +101,6 @@ def test_text_encoder_with_causal_lm_prefix_loads(pipeline_dir, tmp_path):
 # Bad input: each error names the file or folder and says what was expected.
 
 
-@pytest.fixture
-def pipeline_copy(pipeline_dir, tmp_path):
-    copy = tmp_path / "pipe"
-    shutil.copytree(pipeline_dir, copy)
-    return copy
-
-
 def test_missing_folder(tmp_path):
     with pytest.raises(hub.CheckpointError, match=f"{tmp_path}/nowhere: no such file or folder"):
         hub.load_pipeline(str(tmp_path / "nowhere"))

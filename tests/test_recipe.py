@@ -3,64 +3,26 @@
 import argparse
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import hub
 import sample
 import synth
 import train
 import transfer
-from fixtures import to_official
-from model import PixelDiT
 
-ROOT = Path(__file__).resolve().parents[1]
-HEAD = "8,16,32,64"  # a narrow Detailer Head keeps CPU steps fast; the layout is the paper's
-SIZE = ["--h", "64", "--w", "96"]  # a 4 x 6 token grid: 24 image tokens, padded to 32 with the pad token
-PROMPTS = ["a red circle", "a blue square on white", "three green triangles", "a yellow star above a cat"]
-
-
-def run_script(script: str, *args: str, nproc: int = 1, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """A script as a user runs it; under torchrun (gloo on CPU) when nproc > 1."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / script), *args]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    if popen:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="session")
-def prompt_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory, pipeline_dir, prompt_file) -> Path:
-    """8 images (4 prompts x 2 seeds) synthesised by the tiny source."""
-    out = tmp_path_factory.mktemp("corpus") / "data"
-    synth.synthesize(["--ckpt", str(pipeline_dir), "--prompts", str(prompt_file), "--out", str(out), *SIZE,
-                      "--steps", "2", "--batch-size", "3"])
-    return out
-
-
-def train_args(pipeline_dir, corpus, out, *extra) -> list[str]:
-    return ["--ckpt", str(pipeline_dir), "--data", str(corpus), "--out", str(out), "--head-widths", HEAD,
-            "--blocks", "1", "--lr", "1e-3", "--log-every", "1", *extra]
+from conftest import ROOT, SIZE, run_script, train_args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,18 +115,6 @@ def test_a_step_moves_trained_tensors_only(pipeline_dir, plan):
 
 # ----------------------------------------------------------------------------------------------------
 # checkpoints: official release, standalone export, source hash
-
-
-@pytest.fixture(scope="session")
-def official_release(tmp_path_factory, pipeline_dir) -> tuple[Path, PixelDiT]:
-    """A fake of zhen-nan/L2P's model-1k-merge.safetensors from a tiny transfer: the release's names, bf16. That
-    these names are the real file's is checked at full size in test_golden.py (test_official_l2p_release)."""
-    source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
-    model = transfer.transfer(source, head_widths=(8, 16, 32, 64), verbose=False, timestep_rule="official")
-    path = tmp_path_factory.mktemp("release") / "model-1k-merge.safetensors"
-    save_file(to_official(model.state_dict()), path)
-    model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
-    return path, model
 
 
 def test_official_release_file_loads_and_samples(official_release, pipeline_dir, tmp_path):
