@@ -23,7 +23,7 @@ import torch
 import hub
 import train
 import transfer
-from model import ZImageConfig, ZImageDiT
+from model import HeadConfig, ZImageConfig, ZImageDiT
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -80,7 +80,7 @@ def train_step_child(args) -> dict:
     source = ZImageDiT(ZImageConfig(dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, cap_feat_dim=args.dim,
                                     axes_dims=(head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = transfer.transfer(source.to(device), transfer.make_plan(args.plan, 5), (8, 16, 32, 64), verbose=False)
+    model = transfer.transfer(source.to(device), transfer.make_plan(args.plan, 5), HeadConfig.from_widths((8, 16, 32, 64)), verbose=False)
     model.set_gradient_checkpointing(args.grad_ckpt)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.PAPER_LR, weight_decay=train.PAPER_WEIGHT_DECAY)

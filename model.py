@@ -180,7 +180,6 @@ class ZImageConfig(HubConfig):
     # diffusers' default; Z-Image-Turbo's config.json says (1536, 512, 512). Only the size of the reference's RoPE
     # tables: we compute any position, so a config inferred from shapes may keep the default.
     axes_lens: tuple[int, ...] = (1024, 512, 512)
-    final_layer: bool = True  # False for the pixel model, whose Detailer Head replaces it
     # How sigma becomes the model's time (`zimage_time`): "exact" as diffusers computes it, or "official" as the
     # released L2P code does, in bfloat16. Not a hub field: a pixel model records the rule it was trained with.
     timestep_rule: str = "exact"
@@ -332,10 +331,9 @@ class ZImageDiT(nn.Module):
         self.all_x_embedder = nn.ModuleDict(
             {f"{p}-{f}": nn.Linear(f * p * p * cfg.in_channels, cfg.dim) for p, f in patches}
         )
-        if cfg.final_layer:
-            self.all_final_layer = nn.ModuleDict(
-                {f"{p}-{f}": ZImageFinalLayer(cfg.dim, cfg.adaln_dim, f * p * p * cfg.in_channels) for p, f in patches}
-            )
+        self.all_final_layer = nn.ModuleDict(
+            {f"{p}-{f}": ZImageFinalLayer(cfg.dim, cfg.adaln_dim, f * p * p * cfg.in_channels) for p, f in patches}
+        )
         self.noise_refiner = nn.ModuleList([ZImageBlock(cfg, modulated=True) for _ in range(cfg.n_refiner_layers)])
         self.context_refiner = nn.ModuleList([ZImageBlock(cfg, modulated=False) for _ in range(cfg.n_refiner_layers)])
         self.t_embedder = TimestepEmbedder(cfg.adaln_dim, ZIMAGE_T_MID_DIM)
@@ -878,13 +876,60 @@ class FluxDiT(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # L2P: the Detailer Head and the pixel-space model (paper section 3.3, Table 3; released code)
 
+RGB_CHANNELS = 3
 HEAD_WIDTHS = (64, 128, 256, 512)  # paper Table 3: 3 -> 64 -> 128 -> 256 -> 512, pooled 16x
-HEAD_POOL = 2 ** len(HEAD_WIDTHS)  # the head's bottleneck sits at H/16: one cell per 16-px token
-# Context a tile needs on each side for the tiled head to equal the untiled one: a whole number of 16-px
-# cells (so pooling windows line up) covering the receptive field, the decoder's two 3x3 convs per stage
-# (2 x (1 + 2 + 4 + 8) = 30 px at full resolution) plus the encoder's (1 + 2 + 4 + 8 = 15 px) seen through
-# whole bottleneck cells. 48 px is the least halo that is exact on random weights; 64 keeps a cell to spare.
-HEAD_HALO = 64
+
+
+@dataclass(frozen=True)
+class HeadLevel:
+    """One level of the Detailer Head's U-Net: its modules are enc{name} (Conv3x3 + SiLU to `enc` channels, then
+    a 2x max-pool), up{name} (nearest 2x upsample, Conv3x3 to `up` channels) and dec{name} (Conv3x3 + SiLU of
+    [up output, enc output] to `dec` channels). Names follow the releases: "1".."4" at 1K; "0", "0b" and the
+    outer wrappers "_8k", "_10k_a" of the high-resolution heads."""
+
+    name: str
+    enc: int
+    up: int
+    dec: int
+
+
+def unet_levels(widths: tuple[int, ...]) -> tuple[HeadLevel, ...]:
+    """The 1K head's levels from its widths (64, 128, 256, 512): level i encodes to w_i, its up conv keeps w_i,
+    its decoder narrows to w_(i-1), the first keeping w_1 for the output conv."""
+    return tuple(HeadLevel(str(i + 1), w, w, widths[max(i - 1, 0)]) for i, w in enumerate(widths))
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The Detailer Head: its levels from full resolution down, and the bottleneck's width. The bottleneck sits at
+    1 / 2^len(levels) of the image, where the DiT's token features join (nearest-resized if their grid differs)."""
+
+    levels: tuple[HeadLevel, ...] = unet_levels(HEAD_WIDTHS)
+    bottleneck: int = HEAD_WIDTHS[-1]
+
+    @classmethod
+    def from_widths(cls, widths: tuple[int, ...]) -> "HeadConfig":
+        return cls(unet_levels(tuple(widths)), widths[-1])
+
+    @property
+    def cell(self) -> int:
+        """Pixels per bottleneck cell: every image side and tile must be a multiple of it."""
+        return 2 ** len(self.levels)
+
+    @property
+    def halo(self) -> int:
+        """Context a tile needs on each side for the tiled head to equal the untiled one: the receptive field of
+        the 3x3 convs (one per level going down and two coming up, each at its level's scale: 3 x (cell - 1) px),
+        rounded up to whole cells so pooling windows line up, plus a cell to spare (at 1K: 45 -> 48 + 16 = 64
+        px; 48 is the least that is exact on random weights)."""
+        return round_up(3 * (self.cell - 1), self.cell) + self.cell
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadConfig":
+        return cls(tuple(HeadLevel(*level) for level in d["levels"]), d["bottleneck"])
+
+    def to_dict(self) -> dict:
+        return {"levels": [[lv.name, lv.enc, lv.up, lv.dec] for lv in self.levels], "bottleneck": self.bottleneck}
 
 
 def conv_silu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
@@ -896,27 +941,28 @@ def conv_silu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
 class DetailerHead(nn.Module):
     """Full-image conv U-Net that turns the DiT's token features into a full-resolution prediction.
 
-    Encoder: Conv3x3 + SiLU per stage, then MaxPool 2 (H -> H/16). Bottleneck: concat with the last main
-    block's raw image tokens as a (B, dim, H/16, W/16) map, Conv1x1 + SiLU. Decoder: nearest x2 upsample +
-    Conv3x3, concat the pre-pool skip, Conv3x3 + SiLU. Output: Conv1x1 -> 3. No norms and no time input:
-    the DiT features carry the timestep. Layer names follow the released `MicroDiffusionModel`.
+    Encoder: per level Conv3x3 + SiLU, then MaxPool 2 (1K: H -> H/16). Bottleneck: concat with the last main
+    block's raw image tokens as a (B, dim, H/16, W/16) map, Conv1x1 + SiLU. Decoder: per level nearest x2 upsample
+    + Conv3x3, concat the pre-pool skip, Conv3x3 + SiLU. Output: Conv1x1 -> 3. No norms and no time input: the DiT
+    features carry the timestep. Layer names follow the released `MicroDiffusionModel` (`local_decoder.*`).
     Stages are checkpointed when `gradient_checkpointing` is set: full-resolution activations dominate.
     """
 
-    def __init__(self, channels: int, feature_dim: int, widths: tuple[int, ...] = HEAD_WIDTHS):
+    def __init__(self, cfg: HeadConfig, feature_dim: int, channels: int = RGB_CHANNELS):
         super().__init__()
-        if len(widths) != len(HEAD_WIDTHS):
-            raise ValueError(f"Detailer Head: {len(HEAD_WIDTHS)} stages expected (16x pooling), got widths {widths}")
-        w = (channels,) + tuple(widths)
-        for i in range(1, len(w)):
-            self.add_module(f"enc{i}", conv_silu(w[i - 1], w[i], 3))
-            # up_i keeps the width of its input; dec_i fuses the skip and narrows to the next stage's width
-            self.add_module(f"up{i}", nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                                    nn.Conv2d(w[i], w[i], 3, padding=1)))
-            self.add_module(f"dec{i}", conv_silu(2 * w[i], w[max(i - 1, 1)], 3))
-        self.bottleneck = conv_silu(widths[-1] + feature_dim, widths[-1], 1)
-        self.out_conv = nn.Conv2d(widths[0], channels, 1)
-        self.stages = len(widths)
+        self.cfg = cfg
+        c = channels
+        for level in cfg.levels:
+            self.add_module(f"enc{level.name}", conv_silu(c, level.enc, 3))
+            c = level.enc
+        self.bottleneck = conv_silu(c + feature_dim, cfg.bottleneck, 1)
+        c = cfg.bottleneck
+        for level in reversed(cfg.levels):
+            self.add_module(f"up{level.name}", nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                                             nn.Conv2d(c, level.up, 3, padding=1)))
+            self.add_module(f"dec{level.name}", conv_silu(level.up + level.enc, level.dec, 3))
+            c = level.dec
+        self.out_conv = nn.Conv2d(c, channels, 1)
         self.gradient_checkpointing = False
         self.use_channels_last()
         # loading with assign=True puts fresh (NCHW) tensors in place, so the layout is restored after each load
@@ -927,54 +973,59 @@ class DetailerHead(nn.Module):
         and 1.7x faster training steps of the toy head on CPU (oneDNN); cuDNN's fastest kernels use it too."""
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor, features: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        """x: noisy image (B, C, H, W); features: (B, dim, h, w), nearest-resized to (H/16, W/16) if needed.
-
-        tile: run the head on tile x tile output regions, each with a HEAD_HALO margin of real context, so the
-        full-resolution activations stay bounded; the result equals the untiled head's (see HEAD_HALO)."""
-        H, W = x.shape[-2:]
-        if tile is None or (H <= tile and W <= tile):
-            return self.run(x, features, (0, 0), (H, W))
-        if tile % HEAD_POOL:
-            raise ValueError(f"head tile {tile} must be a multiple of {HEAD_POOL}")
-        out = torch.empty(x.shape[0], self.out_conv.out_channels, H, W, dtype=x.dtype, device=x.device)
-        for top in range(0, H, tile):
-            for left in range(0, W, tile):
-                y0, x0 = max(top - HEAD_HALO, 0), max(left - HEAD_HALO, 0)
-                y1, x1 = min(top + tile + HEAD_HALO, H), min(left + tile + HEAD_HALO, W)
-                # in training each tile is recomputed in the backward pass, so only one tile's activations live
-                part = run_block(self.run, self.gradient_checkpointing, x[:, :, y0:y1, x0:x1], features, (y0, x0),
-                                 (H, W))
-                bottom, right = min(top + tile, H), min(left + tile, W)
-                out[:, :, top:bottom, left:right] = part[:, :, top - y0:bottom - y0, left - x0:right - x0]
-        return out
-
-    def run(self, x: torch.Tensor, features: torch.Tensor, origin: tuple[int, int], full: tuple[int, int]):
-        """The U-Net on x, a crop of a full (H, W) image starting at `origin` (multiples of 16). The features
-        of the crop are picked by nearest-neighbour indexing of the full image's (H/16, W/16) grid, as
-        F.interpolate(mode="nearest") would place them."""
+    def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """x: noisy image (B, C, H, W), H and W multiples of cfg.cell; features: (B, dim, h, w), nearest-resized
+        to the bottleneck grid (H, W) / cell when it differs (the 10K head's 64 -> 160, a 1K head at 4K)."""
         ckpt = self.gradient_checkpointing
         skips = []
-        for i in range(1, self.stages + 1):
-            x = run_block(getattr(self, f"enc{i}"), ckpt, x)
+        for level in self.cfg.levels:
+            x = run_block(getattr(self, f"enc{level.name}"), ckpt, x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        cells = [torch.arange(o // HEAD_POOL, o // HEAD_POOL + n, device=x.device) for o, n in zip(origin, x.shape[-2:])]
-        rows, cols = ((c * f // (n // HEAD_POOL)) for c, f, n in zip(cells, features.shape[-2:], full))
-        features = features[:, :, rows][:, :, :, cols]  # (B, dim, crop h/16, crop w/16)
+        if features.shape[-2:] != x.shape[-2:]:
+            features = F.interpolate(features, size=x.shape[-2:], mode="nearest")
         x = self.bottleneck(torch.cat([x, features.to(x.dtype)], dim=1))
-        for i in range(self.stages, 0, -1):
-            x = run_block(getattr(self, f"up{i}"), ckpt, x)
-            x = run_block(getattr(self, f"dec{i}"), ckpt, torch.cat([x, skips[i - 1]], dim=1))
+        for level, skip in zip(reversed(self.cfg.levels), reversed(skips)):
+            x = run_block(getattr(self, f"up{level.name}"), ckpt, x)
+            x = run_block(getattr(self, f"dec{level.name}"), ckpt, torch.cat([x, skip], dim=1))
         return self.out_conv(x)
 
 
-RGB_CHANNELS = 3
+def nearest_indices(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """The source index of each of n_out positions under F.interpolate(mode="nearest"), computed by it."""
+    source = torch.arange(n_in, dtype=torch.float32, device=device)[None, None]
+    return F.interpolate(source, size=n_out, mode="nearest")[0, 0].long()
+
+
+def tiled_head(head: DetailerHead, x: torch.Tensor, features: torch.Tensor, tile: int) -> torch.Tensor:
+    """The Detailer Head run on tile x tile output regions, each with a cfg.halo margin of real context, so its
+    full-resolution activations stay bounded; the result equals head(x, features) (see HeadConfig.halo). Each
+    tile gets the feature cells the untiled head's nearest resize would give it."""
+    cell, halo = head.cfg.cell, head.cfg.halo
+    if tile % cell:
+        raise ValueError(f"head tile {tile} must be a multiple of {cell}")
+    (B, _, H, W), device = x.shape, x.device
+    rows = nearest_indices(features.shape[-2], H // cell, device)
+    cols = nearest_indices(features.shape[-1], W // cell, device)
+    out = torch.empty(B, head.out_conv.out_channels, H, W, dtype=x.dtype, device=device)
+    for top in range(0, H, tile):
+        for left in range(0, W, tile):
+            y0, x0 = max(top - halo, 0), max(left - halo, 0)
+            y1, x1 = min(top + tile + halo, H), min(left + tile + halo, W)
+            crop = features[:, :, rows[y0 // cell:y1 // cell]][:, :, :, cols[x0 // cell:x1 // cell]]
+            # in training each tile is recomputed in the backward pass, so only one tile's activations live
+            part = run_block(head, head.gradient_checkpointing, x[:, :, y0:y1, x0:x1], crop)
+            bottom, right = min(top + tile, H), min(left + tile, W)
+            out[:, :, top:bottom, left:right] = part[:, :, top - y0:bottom - y0, left - x0:right - x0]
+    return out
+
+
 BACKBONES = {"zimage": (ZImageConfig, ZImageDiT), "sd3": (SD3Config, SD3MMDiT), "flux": (FluxConfig, FluxDiT)}
-# The latent-space pieces of SD3 and FLUX that a pixel model drops (paper 3.3): the latent patch embedder and
-# the per-patch final layer. Z-Image's are dropped through its own config (all_patch_size, final_layer).
-LATENT_EMBEDDERS = {"sd3": ("pos_embed", "proj"), "flux": (None, "x_embedder")}
-FINAL_LAYERS = ("norm_out", "proj_out")
+# What a pixel model drops from each source (paper 3.3): the latent patch embedder and the per-patch final layer,
+# as (parent module or None, name).
+LATENT_LAYERS = {"zimage": ((None, "all_x_embedder"), (None, "all_final_layer")),
+                 "sd3": (("pos_embed", "proj"), (None, "norm_out"), (None, "proj_out")),
+                 "flux": ((None, "x_embedder"), (None, "norm_out"), (None, "proj_out"))}
 
 
 def backbone_family(cfg) -> str:
@@ -984,15 +1035,13 @@ def backbone_family(cfg) -> str:
 
 @dataclass(frozen=True)
 class PixelConfig:
-    """The pixel model: a source backbone config, the RGB patch sizes it has embedders for, and the Detailer
-    Head's widths. A Z-Image backbone config is rewritten for pixels (in_channels 3, all_patch_size = patches, no
-    final layer: the official release's layout); SD3 and FLUX configs stay the source's, and PixelDiT swaps their
-    latent embedder and final layer for RGB embedders and the head."""
+    """The pixel model: the source's own backbone config, the RGB patch sizes it has embedders for, and the
+    Detailer Head (or, output "linear", the ablation with a per-patch linear final layer; Z-Image only)."""
 
     backbone: ZImageConfig | SD3Config | FluxConfig
-    head_widths: tuple[int, ...] = HEAD_WIDTHS
-    output: str = "detailer"  # "linear": the ablation with a per-patch final layer (backbone.final_layer) instead
     patches: tuple[int, ...] = (16,)
+    head: HeadConfig = HeadConfig()
+    output: str = "detailer"
 
     @property
     def family(self) -> str:
@@ -1005,46 +1054,41 @@ class PixelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PixelConfig":
-        backbone = BACKBONES[d.get("family", "zimage")][0].from_dict(d["backbone"])  # files before SD3/FLUX: Z-Image
-        patches = d.get("patches") or backbone.all_patch_size
-        return cls(backbone, tuple(d.get("head_widths", HEAD_WIDTHS)), d.get("output", "detailer"), tuple(patches))
+        backbone = BACKBONES[d["family"]][0].from_dict(d["backbone"])
+        return cls(backbone, tuple(d["patches"]), HeadConfig.from_dict(d["head"]), d["output"])
 
     def to_dict(self) -> dict:
-        return {"family": self.family, "backbone": self.backbone.to_dict(), "head_widths": list(self.head_widths),
-                "output": self.output, "patches": list(self.patches)}
+        return {"family": self.family, "backbone": self.backbone.to_dict(), "patches": list(self.patches),
+                "head": self.head.to_dict(), "output": self.output}
 
 
 class PixelDiT(nn.Module):
     """L2P's pixel-space model: RGB patches -> the source backbone's blocks -> Detailer Head -> velocity.
 
-    It keeps the source's native time and output sign (paper: the frozen blocks stay in their native
-    optimisation manifold), so `forward` speaks the project convention exactly as the backbone does.
-    RGB patch embedders live at `backbone.all_x_embedder.{P}-1` for every family (the release's names).
+    One mechanism for every family: the source backbone (built from its config, or a given copy of the source
+    module with its weights) loses its latent patch embedder and final layer (LATENT_LAYERS), gains RGB patch
+    embedders at `backbone.all_x_embedder.{P}-1` (the release's names) and the Detailer Head. It keeps the
+    source's native time and output sign (paper: the frozen blocks stay in their native optimisation manifold),
+    so `forward` speaks the project convention exactly as the backbone does.
     """
 
-    def __init__(self, cfg: PixelConfig):
+    def __init__(self, cfg: PixelConfig, backbone: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        family = cfg.family
-        if family == "zimage":
-            if (cfg.output == "linear") != cfg.backbone.final_layer:
-                raise ValueError("pixel config: a linear output uses the backbone's final layer, the head does not")
-            if cfg.backbone.all_patch_size != cfg.patches:
-                raise ValueError(f"pixel config: patches {cfg.patches} differ from the backbone's "
-                                 f"all_patch_size {cfg.backbone.all_patch_size}")
-            self.backbone = ZImageDiT(cfg.backbone)
-        else:
-            if cfg.output != "detailer":
-                raise ValueError(f"pixel config: the linear-output ablation is built for Z-Image only, not {family}")
-            self.backbone = BACKBONES[family][1](cfg.backbone)
-            parent, name = LATENT_EMBEDDERS[family]
+        family, dim = cfg.family, cfg.backbone.dim
+        if cfg.output == "linear" and family != "zimage":
+            raise ValueError(f"pixel config: the linear-output ablation is built for Z-Image only, not {family}")
+        self.backbone = BACKBONES[family][1](cfg.backbone) if backbone is None else backbone
+        self.backbone.cfg = cfg.backbone  # a given source module keeps its weights, takes the pixel model's config
+        for parent, name in LATENT_LAYERS[family]:
             delattr(getattr(self.backbone, parent) if parent else self.backbone, name)
-            for name in FINAL_LAYERS:
-                delattr(self.backbone, name)
-            self.backbone.all_x_embedder = nn.ModuleDict(
-                {f"{p}-1": nn.Linear(p * p * RGB_CHANNELS, cfg.backbone.dim) for p in cfg.patches})
-        if cfg.output == "detailer":
-            self.detailer_head = DetailerHead(RGB_CHANNELS, cfg.backbone.dim, cfg.head_widths)
+        self.backbone.all_x_embedder = nn.ModuleDict(
+            {f"{p}-1": nn.Linear(p * p * RGB_CHANNELS, dim) for p in cfg.patches})
+        if cfg.output == "linear":
+            self.backbone.all_final_layer = nn.ModuleDict(
+                {f"{p}-1": ZImageFinalLayer(dim, cfg.backbone.adaln_dim, p * p * RGB_CHANNELS) for p in cfg.patches})
+        else:
+            self.detailer_head = DetailerHead(cfg.head, dim)
         self.head_tile: int | None = None  # sample.py / train.py set it to bound full-resolution memory
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -1057,12 +1101,15 @@ class PixelDiT(nn.Module):
         """Velocity `noise - x0` for images x (B, 3, H, W) in [-1, 1], sigma (B,) and the source's text
         conditioning (Z-Image: [(L_i, cap_dim)]; SD3 / FLUX: tokenizer.PooledText). guidance: FLUX-dev's
         embedded guidance scale, as the source takes it."""
+        patch = patch or self.cfg.patches[0]
         if self.cfg.output == "linear":
             return self.backbone(x, sigma, text, patch)
-        patch = patch or self.cfg.patches[0]
         grid = (x.shape[2] // patch, x.shape[3] // patch)
         c = self.backbone.condition(sigma, text) if guidance is None else self.backbone.condition(sigma, text, guidance)
         tokens = self.backbone.all_x_embedder[f"{patch}-1"](patchify(x.to(c.dtype), patch))
         h = self.backbone.transform(tokens, grid, c, text)
         features = h.unflatten(1, grid).permute(0, 3, 1, 2)  # (B, h*w, dim) -> (B, dim, h, w)
-        return self.backbone.VELOCITY_SIGN * self.detailer_head(x.to(c.dtype), features, self.head_tile)
+        x = x.to(c.dtype)
+        head = self.detailer_head(x, features) if self.head_tile is None else \
+            tiled_head(self.detailer_head, x, features, self.head_tile)
+        return self.backbone.VELOCITY_SIGN * head

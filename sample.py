@@ -38,7 +38,7 @@ import hub
 import runtime
 import transfer
 from runtime import non_negative_float, non_negative_int, positive_float, positive_int
-from model import HEAD_POOL, TRAIN_TIMESTEPS, attention_settings, backbone_family, shift_sigmas
+from model import RGB_CHANNELS, TRAIN_TIMESTEPS, attention_settings, backbone_family, shift_sigmas
 
 # Recommended inference of a Z-Image-Turbo source (its model card): 8 steps, no guidance.
 SOURCE_STEPS = 8
@@ -401,11 +401,13 @@ def sampler_image_bytes(batch: int, pixels: int, dtype: torch.dtype, guided: boo
     return rgb * (4 * float32_copies + BYTES[dtype] * compute_copies)
 
 
-def head_activation_bytes(widths, area: int, batch: int, dtype_bytes: int) -> int:
-    """The head's peak on `area` pixels: every encoder skip (w_i at 1/4^(i-1) of the area), the input, and the
-    last decoder stage's upsampled map, its concatenation with the skip and its output (4 w_1)."""
-    skips = sum(w * area / 4**i for i, w in enumerate(widths))
-    return int(batch * dtype_bytes * area * 3 + batch * dtype_bytes * (skips + 4 * widths[0] * area))
+def head_activation_bytes(head, area: int, batch: int, dtype_bytes: int) -> int:
+    """The head's peak on `area` pixels: every encoder skip (level i's channels at 1/4^i of the area), the input,
+    and the last decoder stage's upsampled map, its concatenation with the skip and its output."""
+    skips = sum(level.enc * area / 4**i for i, level in enumerate(head.levels))
+    first = head.levels[0]
+    last_stage = (2 * first.up + first.enc + first.dec) * area
+    return int(batch * dtype_bytes * (RGB_CHANNELS * area + skips + last_stage))
 
 
 def attention_heads(backbone_cfg) -> int:
@@ -420,7 +422,7 @@ def memory_estimate(cfg, params: int, height: int, width: int, patch: int, batch
     Attention scores count only under SDPA's math backend: the fused kernels that `auto` picks (flash on CPU;
     flash, cuDNN or efficient on CUDA) never hold the (queries x keys) matrix (measured on CPU: 8192 tokens
     x 8 heads x batch 2 with a padding mask added 0.02 GiB, where the scores would be 4 GiB)."""
-    from model import HEAD_HALO, ZIMAGE_SEQ_MULTIPLE, round_up
+    from model import ZIMAGE_SEQ_MULTIPLE, round_up
 
     b, size = batch * (2 if guided else 1), BYTES[dtype]
     bb = cfg.backbone
@@ -428,15 +430,16 @@ def memory_estimate(cfg, params: int, height: int, width: int, patch: int, batch
     if cfg.family == "zimage":  # Z-Image pads each sequence to a multiple of 32 tokens
         image_tokens, caption_tokens = round_up(image_tokens, ZIMAGE_SEQ_MULTIPLE), round_up(caption_tokens, 32)
     tokens = image_tokens + caption_tokens
-    area = height * width if not tile else min(tile + 2 * HEAD_HALO, height) * min(tile + 2 * HEAD_HALO, width)
+    halo, cell = cfg.head.halo, cfg.head.cell
+    area = height * width if not tile else min(tile + 2 * halo, height) * min(tile + 2 * halo, width)
     return {
         "weights": params * size,
         "images": sampler_image_bytes(batch, height * width, dtype, guided),
         "transformer": b * tokens * bb.dim * size * BLOCK_ACTIVATIONS,
         "attention scores": (b * attention_heads(bb) * min(tokens, chunk or tokens) * tokens * 4
                              if math_attention else 0),
-        "feature map": b * bb.dim * (height // 16) * (width // 16) * size,
-        "head": head_activation_bytes(cfg.head_widths, area, b, size),  # its full-size output is one of "images"
+        "feature map": b * bb.dim * (height // cell) * (width // cell) * size,
+        "head": head_activation_bytes(cfg.head, area, b, size),  # its full-size output is one of "images"
     }
 
 
@@ -569,8 +572,8 @@ def main(argv=None) -> list[Path]:
         raise ValueError(f"--out {out} is one file but there are {len(jobs)} images: give a folder")
     if single and out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a new file name, or the folder without .png")
-    if args.head_tile and args.head_tile % HEAD_POOL:
-        raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of {HEAD_POOL} (0 = untiled)")
+    if args.head_tile and args.head_tile % transfer.PIXEL_PATCH:  # and of the head's cell: plan_pixel_sampling
+        raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of {transfer.PIXEL_PATCH} (0 = untiled)")
     card_height, card_width = card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
     height, width = args.h or card_height, args.w or card_width
     if kind == "latent":
@@ -655,6 +658,8 @@ def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width
     text_root = hub.resolve(source, ["model_index.json", "transformer/config.json", "text_encoder*/config.json",
                                      "tokenizer*/*"])
     native = max(card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
+    if args.head_tile and args.head_tile % cfg.head.cell:
+        raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of this head's {cfg.head.cell}-px cell")
     if args.patch is not None and args.patch not in cfg.patches and args.patch % transfer.PIXEL_PATCH:
         raise ValueError(f"--patch {args.patch}: the model has no embedder for it (trained: {list(cfg.patches)}), "
                          f"and only multiples of {transfer.PIXEL_PATCH} derive from the 16-px one")

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 import hub
 import runtime
 import transfer
-from model import HEAD_WIDTHS, TIMESTEP_RULES, TRAIN_TIMESTEPS, shift_sigmas
+from model import HEAD_WIDTHS, TIMESTEP_RULES, TRAIN_TIMESTEPS, HeadConfig, shift_sigmas
 from runtime import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 from tokenizer import conditioning_from_parts, conditioning_parts
 
@@ -457,14 +457,14 @@ def fill_defaults(args) -> None:
             setattr(args, key, card.get(key, value))
 
 
-def parse_head_widths(text: str) -> tuple[int, ...]:
+def parse_head_widths(text: str) -> HeadConfig:
     try:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
         widths = ()
     if len(widths) != len(HEAD_WIDTHS) or min(widths) < 1:
         raise ValueError(f"--head-widths {text!r}: expected {len(HEAD_WIDTHS)} comma-separated positive integers")
-    return widths
+    return HeadConfig.from_widths(widths)
 
 
 def train(argv=None) -> dict:
@@ -475,9 +475,9 @@ def train(argv=None) -> dict:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.world_size, args.global_batch = world, world * args.batch_size
     plan = transfer.make_plan(args.freeze, args.blocks)
-    head_widths = parse_head_widths(args.head_widths)
-    if args.head_tile and args.head_tile % transfer.PIXEL_PATCH:
-        raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of {transfer.PIXEL_PATCH}")
+    head = parse_head_widths(args.head_widths)
+    if args.head_tile and args.head_tile % head.cell:
+        raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of {head.cell}")
     corpus = Corpus(args.data, args.patch, args.max_pixels, need_seeds=not args.fresh_noise)
     if len(corpus.sizes) > 1 and args.batch_size > 1:
         raise ValueError(f"--data {args.data}: images train at {len(corpus.sizes)} sizes (e.g. {corpus.sizes[:3]}) "
@@ -497,16 +497,16 @@ def train(argv=None) -> dict:
             torch.cuda.set_device(device)
         if rank == 0 and resume_from is None:
             runtime.write_text_atomic(out / "args.json", json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
-        return run(args, rank, world, device, compute_dtype, plan, head_widths, corpus, out, resume_from)
+        return run(args, rank, world, device, compute_dtype, plan, head, corpus, out, resume_from)
 
 
-def build_model(args, plan, head_widths, source, device, compute_dtype, verbose: bool):
+def build_model(args, plan, head, source, device, compute_dtype, verbose: bool):
     """source -> transfer (or an earlier L2P stage), with the patch embedder to train. Trained tensors in float32
     (master weights), and those an earlier stage trained; other frozen ones in the compute dtype. Returns the
     model and the names of frozen tensors the checkpoints keep (what an earlier stage changed)."""
     keep, full_precision = (), set()
     if args.init in ("transfer", "scratch"):
-        model = transfer.transfer(source.transformer, plan, head_widths, seed=args.seed, verbose=verbose,
+        model = transfer.transfer(source.transformer, plan, head, seed=args.seed, verbose=verbose,
                                   copy=args.init == "transfer", output=args.output,
                                   timestep_rule=args.timesteps or "exact")
     else:
@@ -532,11 +532,11 @@ def build_model(args, plan, head_widths, source, device, compute_dtype, verbose:
     return model.train(), keep
 
 
-def run(args, rank, world, device, compute_dtype, plan, head_widths, corpus, out, resume_from) -> dict:
+def run(args, rank, world, device, compute_dtype, plan, head, corpus, out, resume_from) -> dict:
     source = hub.load_pipeline(args.ckpt, compute_dtype, device, parts=("transformer",))
     if rank == 0:
         report_corpus(corpus, args.data, source)
-    model, keep = build_model(args, plan, head_widths, source, device, compute_dtype, verbose=rank == 0)
+    model, keep = build_model(args, plan, head, source, device, compute_dtype, verbose=rank == 0)
     del source.transformer
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)

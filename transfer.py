@@ -21,6 +21,7 @@
 
 import argparse
 import json
+from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,10 +31,11 @@ from safetensors.torch import save_file
 
 import hub
 import runtime
-from model import HEAD_WIDTHS, FluxDiT, PixelConfig, PixelDiT, SD3MMDiT, ZImageDiT, backbone_family
+from model import (RGB_CHANNELS, FluxDiT, HeadConfig, HeadLevel, PixelConfig, PixelDiT, SD3MMDiT, ZImageConfig,
+                   ZImageDiT, backbone_family)
 
 PIXEL_PATCH = 16  # 16x16 RGB patches: the same token grid as the latent model (VAE 8x, DiT patch 2)
-CHECKPOINT_FORMAT = "l2p/1"
+CHECKPOINT_FORMAT = "l2p/2"  # l2p/1 stored the pixel config in an older layout
 DEFAULT_RUN = Path("runs/l2p")  # where train.py writes and sample.py reads by default
 OFFICIAL_TEXT_SOURCE = "Tongyi-MAI/Z-Image-Turbo"  # the release holds the DiT only; its text side is the source's
 
@@ -112,19 +114,40 @@ def trained_names(model: PixelDiT) -> list[str]:
 # Transfer
 
 
-def pixel_config(source, head_widths=HEAD_WIDTHS, patches=(PIXEL_PATCH,), output: str = "detailer",
+def pixel_config(source, head: HeadConfig = HeadConfig(), patches=(PIXEL_PATCH,), output: str = "detailer",
                  timestep_rule: str = "exact") -> PixelConfig:
-    """The source's backbone with RGB patch embedders, and the Detailer Head in place of its final layer (or,
-    for the Z-Image ablation, a per-patch linear final layer). timestep_rule: how the model turns sigma into
-    its time input, "exact" or as the official L2P code rounds it (model.zimage_time; Z-Image only)."""
-    patches = tuple(patches)
+    """The pixel model of a source backbone config: RGB patch embedders, and the Detailer Head in place of its
+    final layer (or, for the Z-Image ablation, a per-patch linear final layer). timestep_rule: how the model
+    turns sigma into its time input, "exact" or as the official L2P code rounds it (model.zimage_time)."""
     if backbone_family(source) == "zimage":
-        source = replace(source, in_channels=3, all_patch_size=patches, all_f_patch_size=(1,) * len(patches),
-                         final_layer=output == "linear", timestep_rule=timestep_rule)
+        source = replace(source, timestep_rule=timestep_rule)
     elif timestep_rule != "exact":
         raise ValueError(f"timestep rule {timestep_rule!r}: the official L2P rounding exists for Z-Image sources "
                          f"only, not {backbone_family(source)}")
-    return PixelConfig(source, tuple(head_widths), output, patches)
+    return PixelConfig(source, tuple(patches), head, output)
+
+
+def transfer(source: ZImageDiT | SD3MMDiT | FluxDiT, plan: FreezePlan = FreezePlan(), head: HeadConfig = HeadConfig(),
+             seed: int = 0, verbose: bool = True, copy: bool = True, output: str = "detailer",
+             timestep_rule: str = "exact") -> PixelDiT:
+    """L2P's transfer (paper 3.3; the released L2P_convert_weight.py does the same): a copy of the source
+    transformer loses its latent patch embedder and final layer, gains a 16-px RGB patch embedder and the
+    Detailer Head at PyTorch's default init (seeded), and keeps every other tensor bit for bit, in the source's
+    dtype and on its device (new tensors are float32). Then the freeze plan. The source module is not changed.
+    copy=False builds the same architecture at random init instead: the from-scratch baseline."""
+    cfg = pixel_config(source.cfg, head, output=output, timestep_rule=timestep_rule)
+    torch.manual_seed(seed)
+    model = PixelDiT(cfg, backbone=deepcopy(source) if copy else None)
+    model.to(next(source.parameters()).device)
+    trainable, total = apply_freeze_plan(model, plan)
+    if verbose:
+        ours, theirs = model.backbone.state_dict(), source.state_dict()
+        copied = [k for k in ours if k in theirs and copy]
+        dropped = sorted({k.split(".")[0] for k in theirs if k not in ours})
+        print(f"transfer: copied {len(copied)} source tensors, dropped the latent {' and '.join(dropped)}; new: the "
+              f"{PIXEL_PATCH}-px RGB embedder and {'the Detailer Head' if output == 'detailer' else 'a linear output'}")
+        print(f"transfer: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
+    return model
 
 
 def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +159,7 @@ def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int) -
     """
     k = patch // PIXEL_PATCH
     if patch % PIXEL_PATCH or k < 1:
-        raise ValueError(f"patch {patch} is not a multiple of {PIXEL_PATCH}")
+        raise ValueError(f"patch {patch} is not a multiple of {PIXEL_PATCH} (train it with --patch-init random)")
     w = weight.reshape(weight.shape[0], PIXEL_PATCH, PIXEL_PATCH, -1)  # (dim, ph, pw, c)
     w = w.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2) / k**2
     return w.reshape(weight.shape[0], -1), bias.clone()
@@ -144,64 +167,27 @@ def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int) -
 
 def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "downsampled") -> PixelDiT:
     """A pixel model with embedders for more patch sizes; new ones start from the 16-px embedder (see
-    downsampled_embedder), with init="random" at PyTorch's default init, or with init="empty" uninitialised (for
-    a loader that overwrites them). Existing ones are kept."""
+    downsampled_embedder), or with init="random" at PyTorch's default init. Existing ones are kept."""
     have = model.cfg.patches
     patches = tuple(sorted(set(have) | set(patches)))
     if patches == have:
         return model
-    cfg = pixel_config(model.cfg.backbone, model.cfg.head_widths, patches, model.cfg.output, model.cfg.timestep_rule)
     state, trains = model.state_dict(), {n: p.requires_grad for n, p in model.named_parameters()}
     base = model.backbone.all_x_embedder[f"{PIXEL_PATCH}-1"]
     for patch in sorted(set(patches) - set(have)):
         if init == "downsampled":
             w, b = downsampled_embedder(base.weight.data, base.bias.data, patch)
-        elif init == "empty":
-            w, b = base.weight.new_empty(base.out_features, patch * patch * 3), base.bias.new_empty(base.out_features)
         else:
-            fresh = torch.nn.Linear(patch * patch * 3, base.out_features, device=base.weight.device)
+            fresh = torch.nn.Linear(patch * patch * RGB_CHANNELS, base.out_features, device=base.weight.device)
             w, b = fresh.weight.data, fresh.bias.data
         state |= {f"backbone.all_x_embedder.{patch}-1.weight": w, f"backbone.all_x_embedder.{patch}-1.bias": b}
     with torch.device("meta"):
-        bigger = PixelDiT(cfg)
+        bigger = PixelDiT(replace(model.cfg, patches=patches))
     bigger.load_state_dict(state, assign=True)
     bigger.head_tile = model.head_tile
     for name, p in bigger.named_parameters():  # the model's trained / frozen split; new embedders train
         p.requires_grad_(trains.get(name, True))
     return bigger
-
-
-def transfer(source: ZImageDiT | SD3MMDiT | FluxDiT, plan: FreezePlan = FreezePlan(), head_widths=HEAD_WIDTHS, seed: int = 0,
-             verbose: bool = True, copy: bool = True, output: str = "detailer", timestep_rule: str = "exact") -> PixelDiT:
-    """The pixel model: source tensors copied where name and shape match, new layers at default init (seeded),
-    the freeze plan applied. New tensors are float32; copied ones keep the source's dtype and device.
-    copy=False gives the same architecture at random init: the from-scratch baseline."""
-    cfg = pixel_config(source.cfg, head_widths, output=output, timestep_rule=timestep_rule)
-    torch.manual_seed(seed)
-    model = PixelDiT(cfg)
-    source_state = source.state_dict() if copy else {}
-    copied, new = 0, []
-    # buffers too: SD3's stored position table is one
-    tensors = dict(model.backbone.named_parameters()) | dict(model.backbone.named_buffers())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            src = source_state.get(name)
-            if src is not None and src.shape == tensor.shape:
-                tensor.data = src.clone()  # bit-exact, in the source's dtype
-                copied += 1
-            else:
-                new.append(name)
-    dropped = [k for k in source.state_dict() if k not in tensors]
-    device = next(source.parameters()).device
-    model.to(device)
-    trainable, total = apply_freeze_plan(model, plan)
-    if verbose:
-        print(f"transfer: copied {copied} source tensors; new: {len(new)} backbone tensors "
-              f"({', '.join(sorted({n.rsplit('.', 1)[0] for n in new}))})"
-              f"{' and the Detailer Head' if output == 'detailer' else ''}; "
-              f"dropped {len(dropped)} ({', '.join(sorted({k.split('.')[0] for k in dropped}))})")
-        print(f"transfer: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,6 +209,8 @@ def read_metadata(path: Path) -> dict:
             raw = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise hub.CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    if raw.get("format") == json.dumps("l2p/1"):
+        raise hub.CheckpointError(f"{path}: an l2p/1 checkpoint, whose config layout this version no longer reads")
     if raw.get("format") != json.dumps(CHECKPOINT_FORMAT):
         return {}
     try:
@@ -254,16 +242,38 @@ def from_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for k, v in tensors.items()}
 
 
+# The release's head levels from full resolution down, by module name (1K: "1".."4"; the high-resolution heads
+# add "0" and "0b" above them, and the 8K / 10K ones an outer "_8k" / "_10k_a"; the 10K head has no "4").
+RELEASE_HEAD_LEVELS = ("_10k_a", "_8k", "0", "0b", "1", "2", "3", "4")
+
+
+def head_config_from_tensors(tensors: dict[str, torch.Tensor], prefix: str = "local_decoder.") -> HeadConfig:
+    """A released Detailer Head's levels and widths, read from its convs' output channels."""
+    out = lambda module: tensors[f"{prefix}{module}.weight"].shape[0]  # noqa: E731
+    levels = [HeadLevel(name, out(f"enc{name}.0"), out(f"up{name}.1"), out(f"dec{name}.0"))
+              for name in RELEASE_HEAD_LEVELS if f"{prefix}enc{name}.0.weight" in tensors]
+    return HeadConfig(tuple(levels), out("bottleneck.0"))
+
+
+def official_patch(tensors: dict) -> int:
+    """The release's RGB patch, from its one embedder's key (all_x_embedder.16-1 at 1K, 64-1 at 4K, ...)."""
+    keys = [k for k in tensors if k.startswith("all_x_embedder.") and k.endswith(".weight")]
+    return int(keys[0].removeprefix("all_x_embedder.").split("-")[0])
+
+
 def official_config(tensors: dict[str, torch.Tensor]) -> PixelConfig:
-    """Sizes from tensor shapes (the release ships no config), Z-Image's values for the rest."""
-    latent_like = {k.replace(f"all_x_embedder.{PIXEL_PATCH}-1.", "all_x_embedder.2-1."): v for k, v in tensors.items()}
-    source = hub.zimage_config_from_tensors(latent_like)
-    widths = tuple(tensors[f"local_decoder.enc{i}.0.weight"].shape[0] for i in range(1, len(HEAD_WIDTHS) + 1))
-    return pixel_config(source, widths, timestep_rule="official")  # the release is sampled as it was trained
+    """Sizes from tensor shapes (the release ships no config), Z-Image's values for the rest. The release keeps no
+    latent embedder, so its source's latent layout is Z-Image's (16 channels, patch 2)."""
+    patch = official_patch(tensors)
+    latent_like = {k.replace(f"all_x_embedder.{patch}-1.", "all_x_embedder.2-1."): v for k, v in tensors.items()}
+    source = replace(hub.zimage_config_from_tensors(latent_like), in_channels=ZImageConfig().in_channels)
+    # the release is sampled as it was trained: with the official rounded timesteps
+    return pixel_config(source, head_config_from_tensors(tensors), (patch,), timestep_rule="official")
 
 
 def is_official_release(tensors: dict) -> bool:
-    return any(k.startswith("local_decoder.") for k in tensors) and f"all_x_embedder.{PIXEL_PATCH}-1.weight" in tensors
+    embedders = [k for k in tensors if k.startswith("all_x_embedder.") and k.endswith(".weight")]
+    return any(k.startswith("local_decoder.") for k in tensors) and len(embedders) == 1
 
 
 def checkpoint_file(ckpt: str, ema: bool = True) -> Path:
@@ -360,12 +370,13 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
             "these trained tensors belong to other base weights")
     cfg = PixelConfig.from_dict(meta["config"])
     plan = FreezePlan(**meta["freeze_plan"])
-    if cfg != pixel_config(pipe.transformer.cfg, cfg.head_widths, cfg.patches, cfg.output, cfg.timestep_rule):
+    if cfg != pixel_config(pipe.transformer.cfg, cfg.head, cfg.patches, cfg.output, cfg.timestep_rule):
         raise hub.CheckpointError(f"{path}: its pixel config does not follow from source {pipe.name}")
-    # every embedder add_patch_sizes makes is trained, so it is read from the file below and only needs a shape
-    # (the downsampled init exists only for multiples of 16, and a run may have trained an 8-px one)
-    model = add_patch_sizes(transfer(pipe.transformer, plan, cfg.head_widths, verbose=False, output=cfg.output,
-                                     timestep_rule=cfg.timestep_rule), cfg.patches, init="empty")
+    # The loaded source becomes the backbone (the transfer, without copying it). The new layers are only shapes
+    # here: the file holds them, as it holds every tensor the plan trains, so loading draws no random numbers.
+    with torch.device("meta"):
+        model = PixelDiT(cfg, backbone=pipe.transformer)
+    apply_freeze_plan(model, plan)
     trained = hub.read_tensors(path, device)
     # the plan's trained tensors, and those an earlier stage trained (a 4K run started from a 1K one)
     missing = sorted(set(trained_names(model)) - set(trained))
@@ -373,10 +384,7 @@ def load_trained(path: Path, meta: dict, dtype, device, source: str | None) -> P
     if missing or extra:
         raise hub.CheckpointError(f"{path}: trained tensors do not match its freeze plan: {len(missing)} missing "
                                   f"(e.g. {missing[:5]}), {len(extra)} unknown (e.g. {extra[:5]})")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in trained.items():
-            params[name].data = t.to(dtype)
+    model.load_state_dict({n: t.to(dtype) for n, t in trained.items()}, strict=False, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

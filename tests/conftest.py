@@ -15,7 +15,7 @@ import hub
 import synth
 import transfer
 from fixtures import tiny_zimage_pipeline, to_official
-from model import PixelDiT
+from model import HeadConfig, PixelDiT
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -125,7 +125,7 @@ def official_release(tmp_path_factory, pipeline_dir) -> tuple[Path, PixelDiT]:
     """A fake of zhen-nan/L2P's model-1k-merge.safetensors from a tiny transfer: the release's names, bf16. That
     these names are the real file's is checked at full size in test_golden.py (test_official_l2p_release)."""
     source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
-    model = transfer.transfer(source, head_widths=(8, 16, 32, 64), verbose=False, timestep_rule="official")
+    model = transfer.transfer(source, head=HeadConfig.from_widths((8, 16, 32, 64)), verbose=False, timestep_rule="official")
     path = tmp_path_factory.mktemp("release") / "model-1k-merge.safetensors"
     save_file(to_official(model.state_dict()), path)
     model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})

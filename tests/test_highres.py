@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import sample
 import transfer
-from model import DetailerHead, attention, attention_settings, key_padding_mask, patchify, shift_sigmas
+from model import (DetailerHead, HeadConfig, attention, attention_settings, key_padding_mask, patchify, shift_sigmas,
+                   tiled_head)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,23 +34,24 @@ def test_chunked_attention_equals_full_attention(masked):
 def test_tiled_head_equals_untiled_head(size, features):
     """16-px-grid features, and a 64-px-patch grid the head upsamples 4x; tiles of 96 and 128 px."""
     torch.manual_seed(0)
-    head = DetailerHead(3, 32, (8, 16, 32, 64))
+    head = DetailerHead(HeadConfig.from_widths((8, 16, 32, 64)), 32)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.3)
         x, f = torch.randn(2, 3, *size), torch.randn(2, 32, *features)
         full = head(x, f)
         for tile in (96, 128):
-            assert (head(x, f, tile=tile) - full).abs().max() / full.abs().max() < 1e-5
+            assert (tiled_head(head, x, f, tile) - full).abs().max() / full.abs().max() < 1e-5
     with pytest.raises(ValueError, match="head tile 100 must be a multiple of 16"):
-        head(x, f, tile=100)
+        tiled_head(head, x, f, 100)
 
 
 def test_pixel_model_with_tiles_and_chunks_equals_plain(pipeline_dir):
     import hub
 
     source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
-    pixel = transfer.add_patch_sizes(transfer.transfer(source, head_widths=(8, 16, 32, 64), verbose=False), (32, 64))
+    head = HeadConfig.from_widths((8, 16, 32, 64))
+    pixel = transfer.add_patch_sizes(transfer.transfer(source, head=head, verbose=False), (32, 64))
     x, sigma, caps = torch.randn(2, 3, 256, 192), torch.tensor([0.3, 0.8]), [torch.randn(5, 32), torch.randn(40, 32)]
     with torch.no_grad():
         for patch in (16, 64):

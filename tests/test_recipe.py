@@ -21,6 +21,7 @@ import sample
 import synth
 import train
 import transfer
+from model import HeadConfig
 
 from conftest import ROOT, SIZE, run_script, train_args
 
@@ -33,7 +34,7 @@ def test_transfer_copies_adds_drops_and_counts(pipeline_dir):
     source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
     printed = io.StringIO()
     with redirect_stdout(printed):
-        model = transfer.transfer(source, transfer.make_plan("released", 1), head_widths=(8, 16, 32, 64))
+        model = transfer.transfer(source, transfer.make_plan("released", 1), head=HeadConfig.from_widths((8, 16, 32, 64)))
     source_state, ours = source.state_dict(), model.backbone.state_dict()
     copied = [k for k in ours if k in source_state and source_state[k].shape == ours[k].shape]
     assert len(copied) == len([k for k in source_state if not k.startswith(("all_final_layer.", "all_x_embedder."))])
@@ -76,7 +77,7 @@ def test_freeze_plans():
 def test_one_step_changes_trained_and_keeps_frozen(pipeline_dir, corpus, tmp_path):
     out = tmp_path / "run"
     before = transfer.transfer(hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer,
-                               transfer.make_plan("released", 1), (8, 16, 32, 64), verbose=False)
+                               transfer.make_plan("released", 1), HeadConfig.from_widths((8, 16, 32, 64)), verbose=False)
     train.train(train_args(pipeline_dir, corpus, out, "--steps", "1"))
     after = load_file(out / "step-000001" / "model.safetensors")
     assert set(after) == set(transfer.trained_names(before))
@@ -96,7 +97,7 @@ def test_a_step_moves_trained_tensors_only(pipeline_dir, plan):
     gradient; every trained tensor gets one and changes (24 image tokens are padded to 32, so even the
     image pad token is used)."""
     source = hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer
-    model = transfer.transfer(source, transfer.make_plan(plan, 1), (8, 16, 32, 64), verbose=False)
+    model = transfer.transfer(source, transfer.make_plan(plan, 1), HeadConfig.from_widths((8, 16, 32, 64)), verbose=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.01)
@@ -158,7 +159,7 @@ def test_ddp_two_ranks_equal_one_rank_with_the_same_global_batch(pipeline_dir, c
     a = load_file(tmp_path / "ddp" / "step-000003" / "model.safetensors")
     b = load_file(tmp_path / "one" / "step-000003" / "model.safetensors")
     start = transfer.transfer(hub.load_pipeline(str(pipeline_dir), parts=("transformer",)).transformer,
-                              transfer.make_plan("released", 1), (8, 16, 32, 64), verbose=False).state_dict()
+                              transfer.make_plan("released", 1), HeadConfig.from_widths((8, 16, 32, 64)), verbose=False).state_dict()
     moved = max(float((b[n] - start[n]).abs().max() / b[n].abs().max()) for n in b)
     assert moved > 1e-3, "three steps must move the weights well beyond the tolerance"
     for name in a:
@@ -358,7 +359,7 @@ def test_run_with_a_small_patch_loads_and_samples(pipeline_dir, corpus, tmp_path
     out = tmp_path / "p8"
     train.train(train_args(pipeline_dir, corpus, out, "--steps", "1", "--patch", "8", "--patch-init", "random"))
     model, meta = transfer.load_pixel_model(str(out))
-    assert meta["config"]["backbone"]["all_patch_size"] == [8, 16]
+    assert meta["config"]["patches"] == [8, 16]
     saved = hub.read_tensors(transfer.checkpoint_file(str(out)), "cpu")["backbone.all_x_embedder.8-1.weight"]
     assert torch.equal(model.state_dict()["backbone.all_x_embedder.8-1.weight"], saved)
     png = tmp_path / "p8.png"
@@ -390,7 +391,7 @@ def test_high_resolution_stage_continues_a_native_run(pipeline_dir, corpus, tmp_
                            "--head-tile", "128", "--freeze", "paper", "--dtype", "bf16"))
     stage1, _ = transfer.load_pixel_model(str(first))
     stage2, meta = transfer.load_pixel_model(str(second))
-    assert meta["config"]["backbone"]["all_patch_size"] == [16, 64]
+    assert meta["config"]["patches"] == [16, 64]
     refiner = "backbone.noise_refiner.0.attention.to_q.weight"
     assert torch.equal(stage2.state_dict()[refiner], stage1.state_dict()[refiner])
     assert not torch.equal(stage2.state_dict()["backbone.all_x_embedder.64-1.weight"],
