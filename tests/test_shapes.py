@@ -53,6 +53,8 @@ def test_shapeeval_fails_noise(kind, judge):
             coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
             images.append(coarse.resize((128, 128), Image.BILINEAR))
     assert shapes.shape_eval(specs, images, judge)["overall"] <= 0.2
+    if kind == "uniform":  # not even a square as large as the image (a noise field differs from the background)
+        assert all(d.shape == "unknown" for image in images for d in shapes.detect(image, judge))
 
 
 @pytest.mark.parametrize("judge", JUDGES)
@@ -166,6 +168,21 @@ def blur(placed, sigma, seed):
     return shapes.render(placed).filter(ImageFilter.GaussianBlur(sigma))
 
 
+def holes(placed, width, seed):
+    """A disc of background colour `width` times an object's side wide at the centre of its inscribed circle."""
+    image = shapes.render(placed)
+    draw = ImageDraw.Draw(image)
+    for p in placed:
+        cy = p.cy + p.size / 2 - 0.309 * p.size if p.shape == "triangle" else p.cy  # its inradius: 0.309 of the side
+        r = width * p.size / 2
+        draw.ellipse((p.cx - r, cy - r, p.cx + r, cy + r), fill=shapes.BACKGROUND)
+    return image
+
+
+def another_background(placed, colour, seed):
+    return shapes.render(placed, background=colour)
+
+
 def defective(defect, strength, specs, first_seed=0):
     """Ground truth for `specs` (seeds first_seed, first_seed + 1, ...) with a defect."""
     return [defect(shapes.layout(spec, random.Random(seed)), strength, seed)
@@ -179,18 +196,21 @@ DEFECTS = {  # name: (defect, strength, what a person sees: the prompt's objects
     "rounded corners": (rounded_corners, 0.25, "squares with corners rounded a quarter of their side: squares"),
     "colour bleeding": (colour_bleeding, 4, "each object's colour fading out over 4 px into the background"),
     "blur": (blur, 2.0, "the whole image blurred (Gaussian, sigma 2 px): soft but plain objects"),
+    "another background": (another_background, (215, 215, 200), "the objects on a darker, greyer background"),
+    "holes": (holes, 0.4, "a hole of background colour, 0.4 of its side wide, in the middle of each object"),
 }
+BREAK_THE_COLOUR_JUDGE = ["salt and pepper", "speckle", "two-tone", "colour bleeding", "blur", "another background"]
 
 
 @pytest.mark.parametrize("name", list(DEFECTS))
 def test_the_geneval_judge_passes_ground_truth_with_image_defects(name):
-    """Verdict: every image shows the prompt's objects, so ShapeEval is 1.0. The colour judge breaks these objects
-    into fragments and scores at most 0.7 on each, but for rounded corners (its fill threshold takes them too)."""
+    """Verdict: every image shows the prompt's objects, so ShapeEval is 1.0. The colour judge breaks most of these
+    objects into fragments (or, on another background, takes the background for one) and scores at most 0.7."""
     defect, strength, _ = DEFECTS[name]
     specs = shapes.evaluation_specs(5)
     images = defective(defect, strength, specs)
     assert shapes.shape_eval(specs, images)["overall"] == 1.0
-    if name != "rounded corners":
+    if name in BREAK_THE_COLOUR_JUDGE:
         assert shapes.shape_eval(specs, images, "colour")["overall"] <= 0.7
 
 
@@ -236,6 +256,44 @@ def test_an_object_of_no_clear_colour_has_none(shape):
             assert shapes.follows(named, found) == red and shapes.follows(plain, found)
 
 
+def test_an_object_of_mostly_no_palette_colour_has_none():
+    """Verdict: a pink circle (no palette colour) with a fifth of its pixels speckled red, or blue, is a pink circle:
+    "a circle" passes, "a red circle" and "a blue circle" fail (its palette pixels vote, but are not most of it)."""
+    placed = [shapes.Placed("circle", "red", 64, 64, 44)]
+    mask = masks(placed)[0]
+    rng = np.random.default_rng(0)
+    for colour in ("red", "blue"):
+        x = pixels(placed)
+        x[mask] = (240, 150, 200)
+        x[mask & (rng.random(mask.shape) < 0.2)] = shapes.PALETTE[colour]
+        assert [(d.shape, d.color) for d in shapes.detect(to_image(x))] == [("circle", "unknown")]
+
+
+def silhouette(points):
+    """A red polygon (points in a 40 x 40 box) in the middle of a scene."""
+    image = Image.new("RGB", (shapes.NATIVE, shapes.NATIVE), shapes.BACKGROUND)
+    ImageDraw.Draw(image).polygon([(44 + x, 44 + y) for x, y in points], fill=shapes.PALETTE["red"])
+    return image
+
+
+NO_SHAPES = {  # silhouettes that are none of the world's shapes, though they fill a square box as one does
+    "T upside down": [(14, 0), (26, 0), (26, 28), (40, 28), (40, 40), (0, 40), (0, 28), (14, 28)],  # symmetric,
+    # on its base, fills about half its box as a triangle does, but is not convex
+    "right triangle": [(0, 0), (40, 40), (0, 40)],  # fills 1/2, convex, but not symmetric
+    "triangle upside down": [(0, 0), (40, 0), (20, 40)],  # symmetric and convex, but stands on its apex
+    "L": [(0, 0), (16, 0), (16, 24), (40, 24), (40, 40), (0, 40)],  # fills 0.64, as a circle does
+}
+
+
+@pytest.mark.parametrize("name", list(NO_SHAPES))
+def test_a_silhouette_of_no_shape_of_the_world_is_unknown(name):
+    """Verdict: none of these is a circle, a square or a triangle, so "a red <shape>" fails for every shape. (The
+    colour judge, which looks only at the fill of the box, takes each for one of them.)"""
+    found = shapes.detect(silhouette(NO_SHAPES[name]))
+    assert [(d.shape, d.color) for d in found] == [("unknown", "red")]
+    assert [d.shape for d in shapes.detect(silhouette(NO_SHAPES[name]), "colour")] != ["unknown"]
+
+
 # Image quality
 
 
@@ -258,6 +316,15 @@ def test_image_quality_ranks_ground_truth_first_and_grows_with_each_defect():
               for _ in specs]
     for noise in (uniform, smooth):
         assert shapes.image_quality(noise, reference) > 10 * worst
+
+
+def test_frechet_distance_of_gaussians():
+    """|mu_a - mu_b|^2 + (sigma_a - sigma_b)^2 per independent feature: means 1 and 8, standard deviations 1 and 3
+    -> 49 + 4; a second feature equal in both adds nothing, and the distance is symmetric."""
+    a, b = np.array([[0.0, 5.0], [2.0, 7.0]]), np.array([[5.0, 5.0], [11.0, 7.0]])
+    assert shapes.frechet_distance(a, b) == pytest.approx(53)
+    assert shapes.frechet_distance(b, a) == pytest.approx(53)
+    assert shapes.frechet_distance(a[:, :1], b[:, :1]) == pytest.approx(53)
 
 
 def test_evaluate_reports_shapeeval_and_image_quality():
