@@ -11,9 +11,10 @@ touching objects of different colours meet, each shaped by its silhouette (how m
 square 1, circle pi/4, triangle 1/2; convex, mirror-symmetric, a triangle's apex up) and coloured by the
 palette colour of most of its pixels, or by none. A speckled, two-tone or colour-bled object is thus still
 one object, and those defects are measured apart, as image quality: a Fréchet distance between pixel
-statistics (speckle, blended pixels, colour error) of the samples and of rendered ground truth for the same
-prompts, lower is better, 0 like ground truth. `--judge colour` keeps the earlier judge, which segments by
-palette colour first and so breaks such an object into fragments: it measured both at once.
+statistics (speckle, blended pixels, two-tone objects, colour error) of the samples and of rendered ground
+truth for the same prompts, lower is better, 0 like ground truth. `--judge colour` keeps the earlier
+judge, which segments by palette colour first and so breaks such an object into fragments: it measured
+both at once.
 
 The bundled source model (assets/toy-zimage) is the real Z-Image, Qwen3 and VAE architecture at tiny
 widths, built by `python shapes.py build-source`: a byte-level BPE trained on the world's prompts, a frozen
@@ -82,6 +83,7 @@ MIN_SYMMETRY = 0.8  # IoU of a silhouette and its mirror image: all three are sy
 APEX_SHARE = 0.4  # share of the area in the top half of the box: upright triangle 1/4, circle and square 1/2
 # Image quality
 OFF_WORLD_DISTANCE = 45  # L1 distance from the local median or from every world colour that marks a pixel
+MIX_RADIUS = 2  # a palette pixel with another palette colour within 2 px is two-tone
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,27 +482,32 @@ def shape_eval(specs: list[Spec], images: list[Image.Image], judge: str = "genev
 #                 isolated specks, of any colour (flat regions, straight edges and smooth ramps have none)
 #   blend         % of the other pixels farther than that from every world colour: blur, colour bleeding and
 #                 soft edges, where ground truth steps from one colour to the next
+#   two-tone      % of pixels of a palette colour with another palette colour within MIX_RADIUS: objects in
+#                 patches of several colours (the layout keeps ground truth's objects apart)
 #   colour error  mean L1 distance to the nearest world colour, in % of the largest (765): tints too faint
 #                 to count as blends
 # Each is about the share of pixels that are wrong, so the distance is in percent squared: 0 for identical
 # statistics and between ground-truth sets, about 100 with a tenth of the pixels speckled or blended,
 # thousands for noise. An image of plain background scores as well as ground truth: whether the objects are
-# there is ShapeEval's question.
+# there is ShapeEval's question. A background of another colour counts as blended all over.
 
 WORLD_COLOURS = np.array([BACKGROUND, *PALETTE.values()])
 
 
 def quality_features(image: Image.Image) -> np.ndarray:
-    """(3,): speckle, blend, colour error, in percent (see above)."""
+    """(4,): speckle, blend, two-tone, colour error, in percent (see above)."""
     pixels = native_pixels(image)
     h, w, _ = pixels.shape
     windows = np.lib.stride_tricks.sliding_window_view(np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge"),
                                                        (3, 3), axis=(0, 1)).reshape(h, w, 3, 9)
     median = np.partition(windows, 4, -1)[..., 4]  # the 5th of 9
     speckle = np.abs(pixels - median).sum(-1) > OFF_WORLD_DISTANCE
-    world_distance = np.abs(pixels[:, :, None, :] - WORLD_COLOURS).sum(-1).min(-1)
-    blend = (world_distance > OFF_WORLD_DISTANCE) & ~speckle
-    return 100 * np.array([speckle.mean(), blend.mean(), world_distance.mean() / 765])
+    distance = np.abs(pixels[:, :, None, :] - WORLD_COLOURS).sum(-1)  # (H, W, world colours)
+    world = np.where(distance.min(-1) <= OFF_WORLD_DISTANCE, distance.argmin(-1), -1)  # 0: background, -1: none
+    blend = (world < 0) & ~speckle
+    nearby = sum(window_share(world == c, MIX_RADIUS) > 0 for c in range(1, len(WORLD_COLOURS)))  # palette colours
+    two_tone = (world > 0) & (nearby > 1)
+    return 100 * np.array([speckle.mean(), blend.mean(), two_tone.mean(), distance.min(-1).mean() / 765])
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -928,8 +935,8 @@ def judge_flag(parser: argparse.ArgumentParser) -> None:
                              "speckled, two-tone or blurred object is still one object; 'colour' by palette colour "
                              "first, the earlier judge, under which such an object falls apart. Either way the table "
                              f"also reports '{QUALITY}': image quality as a Fréchet distance of pixel statistics "
-                             "(speckle, blended pixels, colour error) to rendered ground truth for the same prompts, "
-                             "lower is better, 0 = like ground truth")
+                             "(speckle, blended pixels, two-tone objects, colour error) to rendered ground truth for "
+                             "the same prompts, lower is better, 0 = like ground truth")
 
 
 def parse_args(argv=None):

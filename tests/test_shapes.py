@@ -179,6 +179,11 @@ def holes(placed, width, seed):
     return image
 
 
+def tint(placed, levels, seed):
+    """Every pixel `levels` darker in each channel: too faint to leave the world's colours."""
+    return to_image(pixels(placed) - levels)
+
+
 def another_background(placed, colour, seed):
     return shapes.render(placed, background=colour)
 
@@ -298,15 +303,17 @@ def test_a_silhouette_of_no_shape_of_the_world_is_unknown(name):
 
 
 def test_image_quality_ranks_ground_truth_first_and_grows_with_each_defect():
-    """Ground truth against other ground truth for the same prompts is 0 (identical statistics); each defect
-    at growing strength scores strictly worse; noise scores far worse than the strongest of them."""
-    specs = shapes.evaluation_specs(4)
+    """Ground truth against other ground truth for the same prompts (other layouts) is about 0; speckle (1-10% of
+    pixels), blur (sigma 0.5-2 px), colour bleeding (1-4 px), two-tone objects (5-30% of their patches) and a
+    faint tint (4-14 levels) each score strictly worse as they grow; noise scores far worse than any of them."""
+    specs = shapes.evaluation_specs(2)
     reference = [shapes.render_spec(spec, seed) for seed, spec in enumerate(specs)]
     assert shapes.image_quality(reference, reference) == pytest.approx(0, abs=1e-9)
     ground_truth = shapes.image_quality([shapes.render_spec(spec, 100 + i) for i, spec in enumerate(specs)], reference)
     assert ground_truth < 0.01
     worst = 0.0
-    for defect, strengths in ((speckle, (0.01, 0.03, 0.1)), (blur, (0.5, 1.0, 2.0)), (colour_bleeding, (1, 2, 4))):
+    for defect, strengths in ((speckle, (0.01, 0.03, 0.1)), (blur, (0.5, 1.0, 2.0)), (colour_bleeding, (1, 2, 4)),
+                              (two_tone, (0.05, 0.15, 0.3)), (tint, (4, 8, 14))):
         scores = [shapes.image_quality(defective(defect, s, specs, 100), reference) for s in strengths]
         assert ground_truth + 0.5 < scores[0] < scores[1] < scores[2], (defect.__name__, scores)
         worst = max(worst, scores[-1])
