@@ -197,7 +197,7 @@ def defective(defect, strength, specs, first_seed=0):
 DEFECTS = {  # name: (defect, strength, what a person sees: the prompt's objects, with a defect of image quality)
     "salt and pepper": (salt_and_pepper, 0.2, "a fifth of each object's pixels black or white, some specks around"),
     "speckle": (speckle, 0.2, "a fifth of each object's pixels (and of the background's) in random colours"),
-    "two-tone": (two_tone, 0.3, "each object in its colour with a third of its patches in another palette colour"),
+    "two-tone": (two_tone, 0.3, "each object in its colour, with 30% of its 4-px patches in another palette colour"),
     "rounded corners": (rounded_corners, 0.25, "squares with corners rounded a quarter of their side: squares"),
     "colour bleeding": (colour_bleeding, 4, "each object's colour fading out over 4 px into the background"),
     "blur": (blur, 2.0, "the whole image blurred (Gaussian, sigma 2 px): soft but plain objects"),
