@@ -3,16 +3,25 @@
 A scene is 1-4 flat, axis-aligned shapes (circle, square, upright triangle) in 5 colours on a plain
 background. Prompts come from six GenEval categories: single object ("a square"), two objects ("a circle
 and a triangle"), counting ("three squares"), colours ("a blue circle"), position ("a circle to the left
-of a square") and colour attribution ("a red square and a green triangle"). ShapeEval finds objects by
-colour segmentation and connected components, classifies each by how much of its bounding box it fills
-(square 1, circle pi/4, triangle 1/2), and checks the prompt: the exact objects, counts, colours and
-relation. Scores are reported per category and overall (their mean), as GenEval does.
+of a square") and colour attribution ("a red square and a green triangle"). ShapeEval checks the prompt: the
+exact objects, counts, colours and relation, scored per category and overall (their mean), as GenEval does.
+Its default judge finds objects as GenEval does with an instance segmenter and CLIP: connected segments of
+everything that differs from the background (whose colour it reads off the image's frame), split only where
+touching objects of different colours meet, each shaped by its silhouette (how much of its box it fills:
+square 1, circle pi/4, triangle 1/2; convex, mirror-symmetric, a triangle's apex up) and coloured by the
+palette colour of most of its pixels, or by none. A speckled, two-tone or colour-bled object is thus still
+one object, and those defects are measured apart, as image quality: a Fréchet distance between pixel
+statistics (speckle, blended pixels, two-tone objects, colour error) of the samples and of rendered ground
+truth for the same prompts, lower is better, 0 like ground truth. `--judge colour` keeps the earlier
+judge, which segments by palette colour first and so breaks such an object into fragments: it measured
+both at once.
 
 The bundled source model (assets/toy-zimage) is the real Z-Image, Qwen3 and VAE architecture at tiny
 widths, built by `python shapes.py build-source`: a byte-level BPE trained on the world's prompts, a frozen
 random Qwen3 text encoder, a VAE trained on rendered images, then the latent DiT trained with flow matching.
 
     python shapes.py eval --ckpt runs/l2p     # sample the evaluation prompts, write a grid, print ShapeEval
+                                              # and image quality (--judge colour: the earlier judge)
     python shapes.py build-source             # rebuild assets/toy-zimage (about 2.5 hours on 2 CPU cores)
 """
 
@@ -62,6 +71,20 @@ MIN_AREA = OBJECT_SIZE[0] ** 2 // 8  # a quarter of the smallest triangle: small
 FILL_SQUARE, FILL_CIRCLE, FILL_TRIANGLE = 0.88, 0.64, 0.35  # lower bounds of bbox fill per shape
 MAX_ASPECT = 1.6  # our shapes have square bounding boxes
 POSITION_MARGIN = 4  # centroids must differ by more than this along the relation's axis
+# ... and those of the GenEval-like judge alone
+BORDER = 3  # width of the image's frame, whose median colour is the background
+CLEANUP_RADIUS = 2  # the foreground is a majority vote over 5 x 5 windows: specks go, pinholes fill ...
+OPENING_RADIUS = 1  # ... then an opening with a 3 x 3 square cuts off the speckle that clings to edges
+SPLIT_RADIUS, SPLIT_PURITY = 4, 0.75  # a colour's core: pixels whose 9 x 9 window is at least 75% that colour
+COLOR_MAJORITY = 0.6  # an object's colour holds more than this share of its pixels of a palette colour ...
+PALETTE_SHARE = 1 / 3  # ... which are at least this share of its pixels (blur leaves half); else it has none
+MAX_SIDE = 3 * OBJECT_SIZE[1] // 2  # larger silhouettes are no object of this world (a noise field, say)
+MIN_SOLIDITY = 0.85  # area / convex hull area: all three shapes are convex
+MIN_SYMMETRY = 0.8  # IoU of a silhouette and its mirror image: all three are symmetric about the vertical
+APEX_SHARE = 0.4  # share of the area in the top half of the box: upright triangle 1/4, circle and square 1/2
+# Image quality
+OFF_WORLD_DISTANCE = 45  # L1 distance from the local median or from every world colour that marks a pixel
+MIX_RADIUS = 2  # a palette pixel with another palette colour within 2 px is two-tone
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,6 +206,13 @@ def render_spec(spec: Spec, seed: int, size: int = NATIVE) -> Image.Image:
 
 # ----------------------------------------------------------------------------------------------------
 # ShapeEval
+#
+# Two judges share the rules of `follows` and differ in how they find objects. "geneval" (the default) does
+# what GenEval does with its instance segmenter and CLIP: objects are the connected parts of everything that
+# is not background, each judged by its silhouette, and coloured by the palette colour most of its pixels
+# vote for, so a speckled, two-tone or blurred object is still one object of its shape and colour.
+# "colour" segments by palette colour first, so every such object falls apart into fragments: it measures
+# prompt following and image quality at once, and is kept for comparison with earlier measurements.
 
 
 @dataclass(frozen=True)
@@ -194,23 +224,55 @@ class Detection:
     area: int
 
 
+def native_pixels(image: Image.Image) -> np.ndarray:
+    """(NATIVE, NATIVE, 3) int32: every image is judged at the world's native size."""
+    if image.size != (NATIVE, NATIVE):
+        image = image.resize((NATIVE, NATIVE), Image.BOX)
+    return np.asarray(image.convert("RGB")).astype(np.int32)
+
+
+def palette_index(pixels: np.ndarray) -> np.ndarray:
+    """(H, W): index of each pixel's nearest palette colour, or -1 farther than COLOR_DISTANCE from all of them."""
+    distance = np.abs(pixels[:, :, None, :] - np.array(list(PALETTE.values()))).sum(-1)  # (H, W, colours)
+    return np.where(distance.min(-1) <= COLOR_DISTANCE, distance.argmin(-1), -1)
+
+
+def window_share(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Share of each pixel's (2 radius + 1)^2 window that lies in `mask` (outside the image counts as not),
+    from an integral image."""
+    k = 2 * radius + 1
+    h, w = mask.shape
+    s = np.pad(np.pad(mask.astype(np.int32), radius).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return (s[k:k + h, k:k + w] - s[:h, k:k + w] - s[k:k + h, :w] + s[:h, :w]) / (k * k)
+
+
 def connected_components(labels: np.ndarray) -> np.ndarray:
-    """4-connected components of equal nonzero labels -> component ids (0 = background), by propagating the
-    minimum pixel index until nothing changes (numpy only)."""
+    """4-connected components of equal nonzero labels -> component ids (0 = background), numpy only. Every pixel
+    starts with its own index (from 1); then, until nothing changes, each run of equal labels along a row, and
+    then along a column, takes the smallest id in it, and every id is replaced by the id of the pixel it names
+    (pointer jumping). A component's id ends as its first pixel's index, in a few rounds for compact shapes."""
     h, w = labels.shape
     ids = np.where(labels > 0, np.arange(1, h * w + 1).reshape(h, w), 0)
+    runs = []  # for rows, then columns: where each run of equal labels starts in the flattened image, and its length
+    for lines in (labels, labels.T):
+        flat = lines.ravel()
+        starts = np.flatnonzero(np.r_[True, (flat[1:] != flat[:-1]) | (np.arange(1, flat.size) % lines.shape[1] == 0)])
+        runs.append((starts, np.diff(np.r_[starts, flat.size])))
     while True:
         previous = ids
-        padded = np.pad(ids, 1)
-        same = np.pad(labels, 1)
-        best = ids.copy()
-        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-            neighbour = padded[dy:dy + h, dx:dx + w]
-            ok = (same[dy:dy + h, dx:dx + w] == labels) & (neighbour > 0) & (labels > 0)
-            best = np.where(ok & (neighbour < best), neighbour, best)
-        ids = best
+        for transposed, (starts, lengths) in zip((False, True), runs):
+            lines = ids.T if transposed else ids
+            lines = np.repeat(np.minimum.reduceat(lines.ravel(), starts), lengths).reshape(lines.shape)
+            ids = lines.T if transposed else lines
+        pointers = np.concatenate([[0], ids.ravel()])  # pointers[i]: the id of pixel i (from 1), 0: none
+        while not np.array_equal(pointers[pointers], pointers):
+            pointers = pointers[pointers]
+        ids = pointers[1:].reshape(h, w)
         if np.array_equal(ids, previous):
             return ids
+
+
+# The colour judge: segments of one palette colour, shaped by their bounding-box fill
 
 
 def classify_shape(mask: np.ndarray) -> str:
@@ -226,28 +288,155 @@ def classify_shape(mask: np.ndarray) -> str:
     return "triangle" if fill >= FILL_TRIANGLE else "unknown"
 
 
-def detect(image: Image.Image) -> list[Detection]:
-    """Objects in an image of any size (judged at native size)."""
-    if image.size != (NATIVE, NATIVE):
-        image = image.resize((NATIVE, NATIVE), Image.BOX)
-    pixels = np.asarray(image.convert("RGB")).astype(np.int32)
+def detect_by_colour(image: Image.Image) -> list[Detection]:
+    """The colour judge: connected components of equal palette colour (or of none) on the foreground."""
+    pixels = native_pixels(image)
     foreground = np.abs(pixels - np.array(BACKGROUND)).sum(-1) > FOREGROUND_DISTANCE
-    palette = np.array(list(PALETTE.values()))
-    distance = np.abs(pixels[:, :, None, :] - palette[None, None]).sum(-1)  # (H, W, colours)
-    nearest = distance.argmin(-1)
-    labels = np.where(foreground, np.where(distance.min(-1) <= COLOR_DISTANCE, nearest + 1, len(palette) + 1), 0)
+    colours = palette_index(pixels)
+    labels = np.where(foreground, np.where(colours >= 0, colours + 1, len(PALETTE) + 1), 0)
     components = connected_components(labels)
     names = list(PALETTE) + ["unknown"]
     found = []
-    for cid in np.unique(components[components > 0]):
+    for cid in np.nonzero(np.bincount(components.ravel())[1:] >= MIN_AREA)[0] + 1:  # smaller ones are specks
         mask = components == cid
-        area = int(mask.sum())
-        if area < MIN_AREA:
-            continue
         ys, xs = np.nonzero(mask)
         color = names[int(labels[ys[0], xs[0]]) - 1]
-        found.append(Detection(classify_shape(mask), color, float(xs.mean()), float(ys.mean()), area))
+        found.append(Detection(classify_shape(mask), color, float(xs.mean()), float(ys.mean()), len(xs)))
     return found
+
+
+# The GenEval-like judge: instance segments of the foreground, shaped by their silhouette, coloured by a vote
+
+
+def background_colour(pixels: np.ndarray) -> np.ndarray:
+    """The median colour of the image's frame: objects sit in the middle of their layout cells, and a model's
+    background need not be BACKGROUND exactly."""
+    frame = np.concatenate([pixels[:BORDER].reshape(-1, 3), pixels[-BORDER:].reshape(-1, 3),
+                            pixels[:, :BORDER].reshape(-1, 3), pixels[:, -BORDER:].reshape(-1, 3)])
+    return np.median(frame, 0)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with every region it encloses added: what is not connected to the outside of its box."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    outside = connected_components(np.pad(~mask[y0:y1, x0:x1], 1, constant_values=True).astype(np.int32))
+    filled = mask.copy()
+    filled[y0:y1, x0:x1] = outside[1:-1, 1:-1] != outside[0, 0]
+    return filled
+
+
+def split_by_colour(segment: np.ndarray, colours: np.ndarray) -> list[np.ndarray]:
+    """One segment -> the objects in it. Touching objects of different colours make one foreground segment; each
+    has a core, a large solid region where nearly every window is its colour. Speckle and small patches of
+    another colour make no core, so a speckled or two-tone object stays whole. With two or more cores, each
+    object is its core's colour connected to the core, and the rest (speckle, blended edges) goes to the
+    nearest object by growing them all a pixel at a time."""
+    cores = []
+    for c in range(len(PALETTE)):
+        own = segment & (colours == c)
+        if own.sum() < MIN_AREA:
+            continue
+        core = connected_components((segment & (window_share(own, SPLIT_RADIUS) >= SPLIT_PURITY)).astype(np.int32))
+        sizes = np.bincount(core.ravel())[1:]
+        if sizes.size and sizes.max() >= MIN_AREA:
+            cores.append((c, core == sizes.argmax() + 1))
+    if len(cores) < 2:
+        return [segment]
+    owner = np.zeros(segment.shape, np.int32)  # 0: not yet assigned, k: the k-th object
+    for k, (c, core) in enumerate(cores, 1):
+        regions = connected_components((segment & (colours == c)).astype(np.int32))
+        owner[np.isin(regions, regions[core & (regions > 0)]) & (owner == 0)] = k
+    none = len(cores) + 1
+    while (segment & (owner == 0)).any():  # each unassigned pixel next to objects goes to the first of them
+        p = np.pad(np.where(owner > 0, owner, none), 1, constant_values=none)
+        rows = np.minimum(np.minimum(p[:, :-2], p[:, 1:-1]), p[:, 2:])  # the smallest owner in each 3 x 3 window
+        nearby = np.minimum(np.minimum(rows[:-2], rows[1:-1]), rows[2:])
+        owner = np.where(segment & (owner == 0) & (nearby < none), nearby, owner)
+    return [owner == k for k in range(1, none)]
+
+
+def convex_hull_area(mask: np.ndarray) -> float:
+    """Area of the convex hull of the pixel squares of `mask`: the corners of each row's first and last pixel,
+    by Andrew's monotone chain and the shoelace formula."""
+    rows = np.nonzero(mask.any(1))[0]
+    left = mask[rows].argmax(1)
+    right = mask.shape[1] - mask[rows, ::-1].argmax(1)
+    points = sorted({(int(x), int(y + dy)) for y, a, b in zip(rows, left, right) for x in (a, b) for dy in (0, 1)})
+
+    def chain(ordered):
+        hull = []
+        for p in ordered:
+            while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                      - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
+                hull.pop()
+            hull.append(p)
+        return hull[:-1]
+
+    hull = chain(points) + chain(points[::-1])
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1]))) / 2
+
+
+def classify_silhouette(mask: np.ndarray) -> str:
+    """The shape of a silhouette: it must look like one of the world's shapes (not too large, square box, convex,
+    symmetric about its vertical axis), then the fill of its box tells them apart (square 1, circle pi/4,
+    triangle 1/2; a square whose corners are rounded with a radius of 0.3 of its side still fills 0.9), and a
+    triangle must stand on its base (a quarter of its area in the top half of its box)."""
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    h, w = box.shape
+    area = len(xs)
+    if max(w, h) > MAX_SIDE or max(w, h) > MAX_ASPECT * min(w, h) or area < MIN_SOLIDITY * convex_hull_area(box):
+        return "unknown"
+    if (box & box[:, ::-1]).sum() < MIN_SYMMETRY * (box | box[:, ::-1]).sum():
+        return "unknown"
+    fill, top = area / (w * h), box[:h // 2].sum() / area
+    if fill >= FILL_SQUARE:
+        return "square"
+    if fill >= FILL_CIRCLE and top > APEX_SHARE:
+        return "circle"
+    return "triangle" if fill >= FILL_TRIANGLE and top <= APEX_SHARE else "unknown"
+
+
+def dominant_colour(votes: np.ndarray) -> str:
+    """An object's colour, as CLIP names the colour of a masked crop: a clear majority (COLOR_MAJORITY) of its
+    pixels that have a palette colour must have the same one (votes: palette indices, -1 for none). Blends,
+    black and white specks abstain; an object of mostly no palette colour, or of several in like shares, has
+    none ("unknown")."""
+    voters = votes[votes >= 0]
+    counts = np.bincount(voters, minlength=len(PALETTE))
+    if len(voters) < PALETTE_SHARE * len(votes) or counts.max() <= COLOR_MAJORITY * len(voters):
+        return "unknown"
+    return list(PALETTE)[counts.argmax()]
+
+
+def detect_instances(image: Image.Image) -> list[Detection]:
+    """The GenEval-like judge: the foreground (smoothed by a majority vote and an opening), its connected segments
+    with their holes filled, each split into the objects it holds."""
+    pixels = native_pixels(image)
+    foreground = np.abs(pixels - background_colour(pixels)).sum(-1) > FOREGROUND_DISTANCE
+    foreground = window_share(foreground, CLEANUP_RADIUS) > 0.5
+    foreground = window_share(window_share(foreground, OPENING_RADIUS) == 1, OPENING_RADIUS) > 0  # erode, dilate
+    colours = palette_index(pixels)
+    segments = connected_components(foreground.astype(np.int32))
+    found = []
+    for sid in np.nonzero(np.bincount(segments.ravel())[1:] >= MIN_AREA)[0] + 1:  # smaller ones are specks
+        ys, xs = np.nonzero(segments == sid)
+        y0, x0 = ys.min(), xs.min()
+        box = np.s_[y0:ys.max() + 1, x0:xs.max() + 1]  # work in the segment's box: the same, and faster
+        for piece in split_by_colour(fill_holes(segments[box] == sid), colours[box]):
+            ys, xs = np.nonzero(piece)
+            found.append(Detection(classify_silhouette(piece), dominant_colour(colours[box][piece]),
+                                   float(x0 + xs.mean()), float(y0 + ys.mean()), len(xs)))
+    return found
+
+
+JUDGES = {"geneval": detect_instances, "colour": detect_by_colour}
+
+
+def detect(image: Image.Image, judge: str = "geneval") -> list[Detection]:
+    """Objects in an image of any size (judged at native size), found the `judge`'s way."""
+    return JUDGES[judge](image)
 
 
 def relation_holds(relation: str, a, b, margin: float = POSITION_MARGIN) -> bool:
@@ -274,14 +463,72 @@ def follows(spec: Spec, found: list[Detection]) -> bool:
     return True
 
 
-def shape_eval(specs: list[Spec], images: list[Image.Image]) -> dict[str, float]:
+def shape_eval(specs: list[Spec], images: list[Image.Image], judge: str = "geneval") -> dict[str, float]:
     """Fraction of images that follow their prompt, per category and overall (the mean of the categories)."""
     hits = {c: [] for c in CATEGORIES}
     for spec, image in zip(specs, images, strict=True):
-        hits[spec.category].append(follows(spec, detect(image)))
+        hits[spec.category].append(follows(spec, detect(image, judge)))
     scores = {c: float(np.mean(h)) for c, h in hits.items() if h}
     scores["overall"] = float(np.mean(list(scores.values())))
     return scores
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image quality, apart from prompt following
+#
+# A Fréchet distance, as FID, between Gaussians fitted to per-image features of a set of samples and of
+# rendered ground truth for the same prompts. The features are fixed and measure how pixels look, not what
+# is drawn: ground truth is flat world colours (palette and background) with one-pixel steps between them.
+#   speckle       % of pixels farther than OFF_WORLD_DISTANCE from the median of their 3 x 3 neighbourhood:
+#                 isolated specks, of any colour (flat regions, straight edges and smooth ramps have none)
+#   blend         % of the other pixels farther than that from every world colour: blur, colour bleeding and
+#                 soft edges, where ground truth steps from one colour to the next
+#   two-tone      % of pixels of a palette colour with another palette colour within MIX_RADIUS: objects in
+#                 patches of several colours (the layout keeps ground truth's objects apart)
+#   colour error  mean L1 distance to the nearest world colour, in % of the largest (765): tints too faint
+#                 to count as blends
+# Each is about the share of pixels that are wrong, so the distance is in percent squared: 0 for identical
+# statistics and between ground-truth sets, about 100 with a tenth of the pixels speckled or blended,
+# thousands for noise. An image of plain background scores as well as ground truth: whether the objects are
+# there is ShapeEval's question. A background of another colour counts as blended all over.
+
+WORLD_COLOURS = np.array([BACKGROUND, *PALETTE.values()])
+
+
+def quality_features(image: Image.Image) -> np.ndarray:
+    """(4,): speckle, blend, two-tone, colour error, in percent (see above)."""
+    pixels = native_pixels(image)
+    h, w, _ = pixels.shape
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge"),
+                                                       (3, 3), axis=(0, 1)).reshape(h, w, 3, 9)
+    median = np.partition(windows, 4, -1)[..., 4]  # the 5th of 9
+    speckle = np.abs(pixels - median).sum(-1) > OFF_WORLD_DISTANCE
+    distance = np.abs(pixels[:, :, None, :] - WORLD_COLOURS).sum(-1)  # (H, W, world colours)
+    world = np.where(distance.min(-1) <= OFF_WORLD_DISTANCE, distance.argmin(-1), -1)  # 0: background, -1: none
+    blend = (world < 0) & ~speckle
+    nearby = sum(window_share(world == c, MIX_RADIUS) > 0 for c in range(1, len(WORLD_COLOURS)))  # palette colours
+    two_tone = (world > 0) & (nearby > 1)
+    return 100 * np.array([speckle.mean(), blend.mean(), two_tone.mean(), distance.min(-1).mean() / 765])
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2) between Gaussians fitted to the rows of a and
+    b (population covariance, so a set of one image works); symmetric square roots by eigendecomposition."""
+    def moments(x):
+        return x.mean(0), np.atleast_2d(np.cov(x, rowvar=False, bias=True))
+
+    (mu_a, cov_a), (mu_b, cov_b) = moments(a), moments(b)
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(values.clip(0))) @ vectors.T
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(0)).sum()
+    return max(0.0, float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross))
+
+
+def image_quality(images: list[Image.Image], reference_images: list[Image.Image]) -> float:
+    """Fréchet distance of the images' quality features to the reference's (rendered ground truth for the same
+    prompts): lower is better, 0 for identical statistics."""
+    return frechet_distance(np.stack([quality_features(i) for i in images]),
+                            np.stack([quality_features(i) for i in reference_images]))
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
@@ -474,11 +721,17 @@ def build_source(args) -> Path:
 # Evaluation, corpora and the paper's claims at toy scale
 
 
+QUALITY = "quality FD"  # the image quality column beside ShapeEval's scores
+
+
 def evaluate(model: "sample.ImageModel", specs: list[Spec], seeds: int, steps: int, guidance: float,
-             shift: float | None, size: int = NATIVE, batch: int = 32) -> tuple[dict, list[Image.Image], list[Spec]]:
-    """Sample every spec with `seeds` seeds and judge them with ShapeEval. Every image gets its own seed (round k,
-    item i: k * len(specs) + i): the world has few distinct prompts per category (single object: 3 of 10), and
-    with one seed per round for all of them, repeats of a prompt were one image counted several times."""
+             shift: float | None, size: int = NATIVE, batch: int = 32,
+             judge: str = "geneval") -> tuple[dict, list[Image.Image], list[Spec]]:
+    """Sample every spec with `seeds` seeds, judge them with ShapeEval (the `judge`'s way), and measure their
+    image quality against rendered ground truth for the same prompts (laid out with the same seeds). Every
+    image gets its own seed (round k, item i: k * len(specs) + i): the world has few distinct prompts per
+    category (single object: 3 of 10), and with one seed per round for all of them, repeats of a prompt were
+    one image counted several times."""
     jobs = [(spec, k * len(specs) + i) for k in range(seeds) for i, spec in enumerate(specs)]
     images = []
     for i in range(0, len(jobs), batch):
@@ -486,20 +739,23 @@ def evaluate(model: "sample.ImageModel", specs: list[Spec], seeds: int, steps: i
         x = model([s.prompt for s, _ in chunk], [k for _, k in chunk], size, size, steps, guidance, shift)
         images += [sample.to_pil(im) for im in x]
     judged = [s for s, _ in jobs]
-    return shape_eval(judged, images), images, judged
+    reference = [render_spec(s, k, size) for s, k in jobs]
+    return shape_eval(judged, images, judge) | {QUALITY: image_quality(images, reference)}, images, judged
 
 
 def judge(ckpt: str, specs: list[Spec], seeds: int = 1, size: int | None = None, steps: int | None = None,
-          guidance: float | None = None, batch: int = 32) -> tuple[dict, list[Image.Image], list[Spec]]:
+          guidance: float | None = None, batch: int = 32,
+          judge: str = "geneval") -> tuple[dict, list[Image.Image], list[Spec]]:
     """Load a model and `evaluate` it with its recipe card's sampling settings unless given (size: its native)."""
     model = sample.load_model(ckpt)
     d = model.defaults()
     return evaluate(model, specs, seeds, steps or d["steps"], d["guidance"] if guidance is None else guidance, None,
-                    size or d["height"], batch)
+                    size or d["height"], batch, judge)
 
 
-def grid(images: list[Image.Image], specs: list[Spec], columns: int = 10, cell: int = NATIVE) -> Image.Image:
-    """Samples with their prompts underneath, and a green / red bar for ShapeEval's verdict."""
+def grid(images: list[Image.Image], specs: list[Spec], columns: int = 10, cell: int = NATIVE,
+         judge: str = "geneval") -> Image.Image:
+    """Samples with their prompts underneath, and a green / red bar for ShapeEval's verdict (the `judge`'s way)."""
     caption = 22
     rows = -(-len(images) // columns)
     sheet = Image.new("RGB", (columns * cell, rows * (cell + caption)), "white")
@@ -507,7 +763,7 @@ def grid(images: list[Image.Image], specs: list[Spec], columns: int = 10, cell: 
     for i, (image, spec) in enumerate(zip(images, specs)):
         x, y = (i % columns) * cell, (i // columns) * (cell + caption)
         sheet.paste(image.resize((cell, cell)), (x, y))
-        ok = follows(spec, detect(image))
+        ok = follows(spec, detect(image, judge))
         draw.rectangle((x, y + cell, x + cell - 1, y + cell + 2), fill=(40, 170, 60) if ok else (210, 40, 40))
         words = spec.prompt
         draw.text((x + 2, y + cell + 4), words[:26], fill="black")
@@ -570,9 +826,9 @@ def eval_command(args) -> list[dict]:
     rows = []
     for ckpt in args.ckpt:
         scores, images, judged = judge(ckpt, evaluation_specs(args.per_category), args.seeds, steps=args.steps,
-                                       guidance=args.guidance)
+                                       guidance=args.guidance, judge=args.judge)
         out = Path(ckpt) / "shapeeval.png" if Path(ckpt).is_dir() else Path(ckpt).with_suffix(".shapeeval.png")
-        grid(images, judged).save(out)
+        grid(images, judged, judge=args.judge).save(out)
         print(f"wrote {out}", file=sys.stderr)
         rows.append({"model": ckpt} | scores)
     print(table(rows))
@@ -606,7 +862,7 @@ def claims_command(args) -> list[dict]:
     specs = evaluation_specs(args.per_category)
 
     def judged(ckpt: str) -> dict:
-        return judge(ckpt, specs, args.seeds)[0]
+        return judge(ckpt, specs, args.seeds, judge=args.judge)[0]
 
     start = time.time()
     rows = [{"row": "source model (latent)", "trained params": "-", "wall s": "-"} | judged(source)]
@@ -645,8 +901,8 @@ def highres_command(args) -> list[dict]:
     specs = evaluation_specs(args.per_category)
 
     def judged(ckpt: str) -> dict:
-        scores, images, shown = judge(ckpt, specs, size=size, batch=8)
-        grid(images, shown).save(args.work / f"{Path(ckpt).name}.shapeeval.png")
+        scores, images, shown = judge(ckpt, specs, size=size, batch=8, judge=args.judge)
+        grid(images, shown, judge=args.judge).save(args.work / f"{Path(ckpt).name}.shapeeval.png")
         return scores
 
     rows = [{"row": f"{args.init} at {size} px, no 4x training (derived {patch}-px embedder)", "wall s": "-",
@@ -671,6 +927,16 @@ def highres_command(args) -> list[dict]:
 # CLI
 
 
+def judge_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--judge", choices=list(JUDGES), default="geneval",
+                        help="how ShapeEval finds objects: 'geneval' (default) as GenEval does, by foreground instance "
+                             "segments shaped by their silhouette and coloured by the majority of their pixels, so a "
+                             "speckled, two-tone or blurred object is still one object; 'colour' by palette colour "
+                             "first, the earlier judge, under which such an object falls apart. Either way the table "
+                             f"also reports '{QUALITY}': image quality as a Fréchet distance of pixel statistics "
+                             "(speckle, blended pixels, two-tone objects, colour error) to rendered ground truth for "
+                             "the same prompts, lower is better, 0 = like ground truth")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -686,13 +952,15 @@ def parse_args(argv=None):
     b.add_argument("--eval-every", type=int, default=1000, help="ShapeEval of the EMA model every K steps; 0 = off")
     b.add_argument("--resume", action="store_true", help="train the DiT saved in --out for --dit-steps more steps")
     b.add_argument("--recipe-only", action="store_true", help="only (re)write the recipe card and prompt file")
-    e = sub.add_parser("eval", help="sample the evaluation prompts, write a grid beside each model, print ShapeEval")
+    e = sub.add_parser("eval", help="sample the evaluation prompts, write a grid beside each model, print ShapeEval "
+                                    "and image quality")
     e.add_argument("--ckpt", nargs="+", default=[str(transfer.DEFAULT_RUN)],
                    help="models: L2P run folders or files, or latent sources (default: runs/l2p)")
     e.add_argument("--per-category", type=int, default=10, help="evaluation prompts per category")
     e.add_argument("--seeds", type=int, default=1, help="samples per prompt")
     e.add_argument("--steps", type=int, help="sampling steps (default: the source's recipe card)")
     e.add_argument("--guidance", type=float, help="guidance (default: the source's recipe card)")
+    judge_flag(e)
     c = sub.add_parser("claims", help="the paper's claims at toy scale: a table of rows trained on the same budget")
     c.add_argument("--work", type=Path, default=Path("runs/claims"), help="folder for the corpora and the runs")
     c.add_argument("--source", type=Path, default=TOY_SOURCE, help="the toy source model")
@@ -700,6 +968,7 @@ def parse_args(argv=None):
     c.add_argument("--steps", type=int, help="training steps of every row (default: the recipe card's)")
     c.add_argument("--per-category", type=int, default=10)
     c.add_argument("--seeds", type=int, default=2)
+    judge_flag(c)
     h = sub.add_parser("highres", help="4x training with 64-px patches: downsampled vs random embedder init")
     h.add_argument("--init", type=Path, default=transfer.DEFAULT_RUN, help="the native-size L2P run to continue")
     h.add_argument("--source", type=Path, default=TOY_SOURCE, help="the toy source model")
@@ -708,6 +977,7 @@ def parse_args(argv=None):
     h.add_argument("--steps", type=int, default=100, help="training steps of each run")
     h.add_argument("--batch-size", type=int, default=4)
     h.add_argument("--per-category", type=int, default=2, help="evaluation prompts per category (sampled at 4x)")
+    judge_flag(h)
     return p.parse_args(argv)
 
 
