@@ -859,7 +859,26 @@ class LatentPipeline:
         return {"id": self.name, "revision": self.revision, "transformer_sha256": self.transformer_sha256}
 
 
+# ----------------------------------------------------------------------------------------------------
+# Defaults: the source's recipe card, else its family's recommended inference, else the paper's
+
 RECIPE_CARD = "l2p.json"  # optional: a source's recommended sizes and settings for synth, train and sample
+DEFAULT_SIZE = 1024  # Z-Image's and L2P's native resolution; a source's recipe card may name its own
+# A latent source's sampling defaults when it has no recipe card, by family (`source_family`). guidance is ours:
+# classifier-free with 1 = off, except FLUX-dev's, which is the scale its guidance embedding takes (no CFG batch).
+SOURCE_DEFAULTS = {
+    # Z-Image-Turbo's model card: 8 steps, no guidance
+    "zimage": {"steps": 8, "guidance": 1.0},
+    # SD3.5-Medium's model card (40 steps, guidance_scale 4.5; SAI's sd3_infer.py: 40-50 steps, CFG 4.5-5). Other
+    # cards: SD3-Medium 28 / 7.0 (= StableDiffusion3Pipeline's defaults), SD3.5-Large 28 / 3.5, Large-Turbo 4 / off
+    # (give those a recipe card, or --steps / --guidance)
+    "sd3": {"steps": 40, "guidance": 4.5},
+    # FLUX.1-schnell's model card and diffusers' FluxPipeline example: 4 steps, guidance_scale 0 (ignored: no
+    # guidance embedding, no CFG)
+    "flux-schnell": {"steps": 4, "guidance": 1.0},
+    # FLUX.1-dev's model card: 50 steps, guidance_scale 3.5 (FluxPipeline's defaults: 28 steps, 3.5)
+    "flux-dev": {"steps": 50, "guidance": 3.5},
+}
 
 
 def recipe_card(ckpt: str) -> dict:
@@ -869,6 +888,29 @@ def recipe_card(ckpt: str) -> dict:
     except CheckpointError:
         return {}
     return read_json(root / RECIPE_CARD) if root.is_dir() and (root / RECIPE_CARD).is_file() else {}
+
+
+SIZE_DEFAULTS = {"h": DEFAULT_SIZE, "w": DEFAULT_SIZE}
+
+
+def recipe_defaults(card: dict, stage: str, built_in: dict) -> dict:
+    """What a stage ("synth", "train" or "sample") runs with where no flag is given: each key of `built_in` from
+    the recipe card's section for the stage if it names it (h and w from the card's size), else built_in's. The
+    one place defaults are resolved: the card, else the family's or the paper's (what `built_in` holds)."""
+    section = card.get(stage, {}) | ({"h": card["size"][0], "w": card["size"][1]} if "size" in card else {})
+    return {k: section.get(k, v) for k, v in built_in.items()}
+
+
+def source_family(cfg) -> str:
+    """The SOURCE_DEFAULTS key of a latent backbone config: "zimage", "sd3", "flux-schnell" or "flux-dev"."""
+    if isinstance(cfg, FluxConfig):
+        return "flux-dev" if cfg.guidance_embeds else "flux-schnell"
+    return "sd3" if isinstance(cfg, SD3Config) else "zimage"
+
+
+def defaults_help(key: str) -> str:
+    """"zimage 8, sd3 40, ...": a SOURCE_DEFAULTS setting per family, for --help."""
+    return ", ".join(f"{family} {values[key]:g}" for family, values in SOURCE_DEFAULTS.items())
 
 
 def read_pipeline_index(root: Path) -> dict:

@@ -1,5 +1,5 @@
-"""The plumbing every script shares, so that none of them imports another's: checked CLI values, the device
-and dtype, files written atomically, folder locks, prompt files, and peak memory.
+"""The plumbing every script shares, so that none of them imports another's: checked CLI values and defaults,
+the device and dtype, files written atomically (images included), folder locks, prompt files, and peak memory.
 
 Nothing here knows about models. Each script's `__main__` runs through `run_cli`, which turns the errors a
 user can cause (a bad flag, a missing or broken file, a folder in use) into one `error:` line and exit status 2.
@@ -15,7 +15,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 CORPUS_METADATA = "metadata.jsonl"  # a corpus folder's rows: written by synth.py, read by train.py
 LOCK_FILE = ".lock"
@@ -55,6 +58,19 @@ def non_negative_float(text: str) -> float:
 
 def unit_interval(text: str) -> float:
     return _number(float, text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def fill_unset(args: argparse.Namespace, defaults: dict) -> None:
+    """Flags left unset (None) take their default (hub.recipe_defaults); a given value, 0 included, stays."""
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def check_size(height: int, width: int, multiple: int, what: str) -> None:
+    for name, value in (("--h", height), ("--w", width)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"{name} {value} is not a positive multiple of {multiple} ({what})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,6 +130,20 @@ def atomic_path(path: Path):
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> 8-bit RGB, rounded as diffusers' image processor does."""
+    return Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+def save_png(image: torch.Tensor, path: Path, settings: dict) -> None:
+    """An image (3, H, W) in [0, 1] as an 8-bit PNG written atomically, with the settings that made it as PNG text
+    metadata ("l2p" key, JSON)."""
+    info = PngInfo()
+    info.add_text("l2p", json.dumps(settings))
+    with atomic_path(path) as tmp:
+        to_pil(image).save(tmp, format="PNG", pnginfo=info)
 
 
 def writable_folder(folder: Path, flag: str = "--out") -> Path:

@@ -1,4 +1,5 @@
-"""Sampling: the flow schedule, the Euler ODE sampler with classifier-free guidance, and PNG output.
+"""Sampling: the Euler ODE sampler with classifier-free guidance, in pixel space (L2P) and in latent space (the
+source), the schedules, the patch and shift at any size, and the CLI that writes PNGs.
 
 The project's one time convention, used by every file:
     sigma = 1 is pure noise, sigma = 0 is data;  x_sigma = (1 - sigma) * x0 + sigma * noise;
@@ -6,14 +7,14 @@ The project's one time convention, used by every file:
 Each source model's native convention is adapted inside its backbone's `forward` (model.py), nowhere else.
 
 Noise is drawn per image from a CPU generator seeded with that image's seed (`--seed` + image index), so
-an image depends on its own seed only: not on batch size, world size or device.
+an image depends on its own seed only: not on batch size, world size or device (`--noise-device cuda` draws it
+as the official L2P inference does instead).
 
     python sample.py --ckpt runs/l2p --prompt "a red fox in snow" --out fox.png                   # L2P, pixel space
     python sample.py --ckpt Tongyi-MAI/Z-Image-Turbo --prompt "a red fox in snow" --out fox.png  # the latent source
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -22,55 +23,123 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-# On a CPU at 4K nearly every activation is a fresh block of tens of MiB, and glibc maps each one anew: a page
-# fault per 4 KiB when it is first written. PyTorch backs its CPU tensors of 2 MiB and more with transparent huge
-# pages (2 MiB each) when THP_MEM_ALLOC_ENABLE is set: the toy 4K command 1.15x faster at the same peak (README,
-# "CPU allocator"). PyTorch reads the variable once, so it is set before torch is imported; a user's value wins.
+# PyTorch backs CPU tensors of 2 MiB and more with transparent huge pages when this is set, so a 4K step on a CPU
+# pays one page fault per 2 MiB instead of per 4 KiB of every fresh activation (docs/performance.md, "CPU
+# allocator"). PyTorch reads it once, so it is set before torch is imported; a user's value wins.
 if __name__ == "__main__":
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import numpy as np
 import torch
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 import hub
 import runtime
 import transfer
-from runtime import non_negative_float, non_negative_int, positive_float, positive_int
 from model import RGB_CHANNELS, TRAIN_TIMESTEPS, attention_settings, backbone_family, shift_sigmas
+from runtime import non_negative_float, non_negative_int, positive_float, positive_int
 
-# Recommended inference of a Z-Image-Turbo source (its model card): 8 steps, no guidance.
-SOURCE_STEPS = 8
-SOURCE_GUIDANCE = 1.0
-# A latent source's sampling defaults when it has no recipe card, by family (`source_family`). guidance is ours:
-# classifier-free with 1 = off, except FLUX-dev's, which is the scale its guidance embedding takes (no CFG batch).
-SOURCE_DEFAULTS = {
-    "zimage": {"steps": SOURCE_STEPS, "guidance": SOURCE_GUIDANCE},
-    # SD3.5-Medium's model card (40 steps, guidance_scale 4.5; SAI's sd3_infer.py: 40-50 steps, CFG 4.5-5). Other
-    # cards: SD3-Medium 28 / 7.0 (= StableDiffusion3Pipeline's defaults), SD3.5-Large 28 / 3.5, Large-Turbo 4 / off
-    # (give those a recipe card, or --steps / --guidance)
-    "sd3": {"steps": 40, "guidance": 4.5},
-    # FLUX.1-schnell's model card and diffusers' FluxPipeline example: 4 steps, guidance_scale 0 (ignored: no
-    # guidance embedding, no CFG)
-    "flux-schnell": {"steps": 4, "guidance": 1.0},
-    # FLUX.1-dev's model card: 50 steps, guidance_scale 3.5 (FluxPipeline's defaults: 28 steps, 3.5)
-    "flux-dev": {"steps": 50, "guidance": 3.5},
-}
 # The released L2P inference defaults (inference.py / app.py): 30 Euler steps, CFG 2.0, shift 3.
 PIXEL_STEPS = 30
 PIXEL_GUIDANCE = 2.0
 PIXEL_SHIFT = 3.0
-DEFAULT_SIZE = 1024  # Z-Image's and L2P's native resolution; a source's recipe card may name its own
-MAX_PIXEL_SHIFT = 6.0  # sigma <= 0.5 for raw sigma <= 1 / (shift + 1): a 7th of the steps at any size
-HIGH_RES_SHIFT_EXPONENT = math.log(4 / 3) / math.log(16)  # shift 3 at the native size -> 4 at 16x the pixels
+PIXEL_DEFAULTS = {"steps": PIXEL_STEPS, "guidance": PIXEL_GUIDANCE, "shift": PIXEL_SHIFT}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pixel sampler (L2P): noise -> Euler steps of the guided velocity -> the image, no VAE
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...], device: str = "cpu") -> torch.Tensor:
+    """(len(seeds), *shape) float32 standard normal noise, one generator per image on `device`.
+
+    The CPU generator (the default) makes an image depend on its seed alone, on any machine. device="cuda"
+    draws on the GPU's generator as the official L2P inference does (rand_device="cuda", float32): the only
+    way to reproduce its example images, and only on a CUDA machine."""
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--noise-device {device}: this machine has no CUDA device to draw that noise on")
+    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(s), device=device)
+                        for s in seeds]).cpu()
+
+
+def pixel_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """(steps + 1,) sigmas of the released L2P sampler (DiffSynth's Z-Image schedule): shift(linspace(1, 0,
+    steps + 1)[:-1]), then 0. diffusers writes the same grid as linspace(1, 1/steps, steps); in float32 half of
+    the 30 values differ in their last bit from this form, enough to move a bfloat16-rounded timestep."""
+    return torch.cat([shift_sigmas(torch.linspace(1.0, 0.0, steps + 1)[:-1], shift), torch.zeros(1)])
+
+
+def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, guidance: float, /,
+                    **model_kwargs) -> torch.Tensor:
+    """v = v_uncond + guidance * (v_cond - v_uncond), both halves in one batch; guidance 1 runs cond only.
+    model_kwargs go to the model (positional-only parameters above, so FLUX-dev's `guidance` input can be one).
+
+    This is the convention of the L2P code (cfg 2.0) and of diffusers' StableDiffusion3Pipeline, whose
+    guidance_scale is our guidance (it guides only above 1). diffusers' ZImagePipeline writes pos + g (pos - neg),
+    so its guidance_scale g is our guidance 1 + g.
+    """
+    dtype = next(model.parameters()).dtype
+    if guidance == 1.0 or uncond is None:
+        return model(x.to(dtype), torch.full((len(x),), sigma, device=x.device), cond, **model_kwargs).float()
+    x = x.to(dtype)
+    both = torch.cat([x, x])
+    sigmas = torch.full((len(both),), sigma, device=x.device)
+    v_cond, v_uncond = model(both, sigmas, cond + uncond, **model_kwargs).chunk(2)
+    # one pass over the (possibly 4K) images instead of three: lerp(a, b, w) = a + w (b - a)
+    return torch.lerp(v_uncond.float(), v_cond.float(), guidance)
+
+
+def euler_sample(velocity, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = False) -> torch.Tensor:
+    """Integrate dx/dsigma = velocity(x, sigma) from sigmas[0] to sigmas[-1], in float32."""
+    x = x.float()
+    start = time.time()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = torch.add(x, velocity(x, sigma), alpha=sigma_next - sigma)
+        if progress:
+            print(f"\r  step {i + 1}/{len(sigmas) - 1}  {time.time() - start:.1f}s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return x
+
+
+def takes_guidance(model) -> bool:
+    """Whether a latent backbone or pixel model is guidance-distilled (FLUX-dev): guidance is one of its inputs."""
+    return getattr(getattr(model.cfg, "backbone", model.cfg), "guidance_embeds", False)
+
+
+def denoise(model, text, prompts: list[str], x: torch.Tensor, sigmas: torch.Tensor, guidance: float,
+            negative_prompt: str = "", progress: bool = False, **model_kwargs) -> torch.Tensor:
+    """Encode the prompts with `text` (a source's text side, hub.LatentPipeline.text), and the negative prompt
+    when guiding, then integrate from noise x to data. A guidance-distilled model (FLUX-dev) gets `guidance` as
+    its input instead: no CFG batch."""
+    if takes_guidance(model):
+        model_kwargs["guidance"], guidance = guidance, 1.0
+    cond = text(prompts)
+    uncond = text([negative_prompt] * len(prompts)) if guidance != 1 else None
+    x = x.to(next(model.parameters()).device)
+    velocity = lambda x, s: guided_velocity(model, x, s, cond, uncond, guidance, **model_kwargs)  # noqa: E731
+    return euler_sample(velocity, x, sigmas, progress)
+
+
+@torch.no_grad()
+def sample_pixels(model, text, prompts: list[str], seeds: list[int], height: int, width: int,
+                  steps: int = PIXEL_STEPS, guidance: float = PIXEL_GUIDANCE, shift: float = PIXEL_SHIFT,
+                  negative_prompt: str = "", noise: torch.Tensor | None = None, progress: bool = False,
+                  patch: int | None = None, noise_device: str = "cpu") -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from an L2P pixel model: Euler directly on RGB, no VAE."""
+    patch = patch or model.cfg.patches[0]
+    runtime.check_size(height, width, patch, f"the pixel patch size {patch}")
+    x = initial_noise(seeds, (3, height, width), noise_device) if noise is None else noise
+    x = denoise(model, text, prompts, x, pixel_sigmas(steps, shift), guidance, negative_prompt, progress,
+                patch=patch)
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latent sources, as their diffusers pipelines sample them (synth.py makes the corpus with these)
+
 # diffusers FlowMatchEulerDiscreteScheduler defaults for the resolution-dependent shift (mu)
 BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 UNSUPPORTED_SCHEDULER_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
                                  "invert_sigmas", "stochastic_sampling")
-
-# ----------------------------------------------------------------------------------------------------
-# Schedule
 
 
 def resolution_mu(image_seq_len: int, scheduler: dict) -> float:
@@ -119,97 +188,9 @@ def source_sigmas(steps: int, scheduler: dict, image_seq_len: int, from_training
     return torch.cat([sigmas.float(), torch.zeros(1)])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sampler
-
-
-def initial_noise(seeds: list[int], shape: tuple[int, ...], device: str = "cpu") -> torch.Tensor:
-    """(len(seeds), *shape) float32 standard normal noise, one generator per image on `device`.
-
-    The CPU generator (the default) makes an image depend on its seed alone, on any machine. device="cuda"
-    draws on the GPU's generator as the official L2P inference does (rand_device="cuda", float32): the only
-    way to reproduce its example images, and only on a CUDA machine."""
-    if device != "cpu" and not torch.cuda.is_available():
-        raise ValueError(f"--noise-device {device}: this machine has no CUDA device to draw that noise on")
-    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(s), device=device)
-                        for s in seeds]).cpu()
-
-
-def guided_velocity(model, x, sigma: float, cond: list, uncond: list | None, guidance: float, /,
-                    **model_kwargs) -> torch.Tensor:
-    """v = v_uncond + guidance * (v_cond - v_uncond), both halves in one batch; guidance 1 runs cond only.
-    model_kwargs go to the model (positional-only parameters above, so FLUX-dev's `guidance` input can be one).
-
-    This is the convention of the L2P code (cfg 2.0) and of diffusers' StableDiffusion3Pipeline, whose
-    guidance_scale is our guidance (it guides only above 1). diffusers' ZImagePipeline writes pos + g (pos - neg),
-    so its guidance_scale g is our guidance 1 + g.
-    """
-    dtype = next(model.parameters()).dtype
-    if guidance == 1.0 or uncond is None:
-        return model(x.to(dtype), torch.full((len(x),), sigma, device=x.device), cond, **model_kwargs).float()
-    x = x.to(dtype)
-    both = torch.cat([x, x])
-    sigmas = torch.full((len(both),), sigma, device=x.device)
-    v_cond, v_uncond = model(both, sigmas, cond + uncond, **model_kwargs).chunk(2)
-    # one pass over the (possibly 4K) images instead of three: lerp(a, b, w) = a + w (b - a)
-    return torch.lerp(v_uncond.float(), v_cond.float(), guidance)
-
-
-def euler_sample(velocity, x: torch.Tensor, sigmas: torch.Tensor, progress: bool = False) -> torch.Tensor:
-    """Integrate dx/dsigma = velocity(x, sigma) from sigmas[0] to sigmas[-1], in float32."""
-    x = x.float()
-    start = time.time()
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        x = torch.add(x, velocity(x, sigma), alpha=sigma_next - sigma)
-        if progress:
-            print(f"\r  step {i + 1}/{len(sigmas) - 1}  {time.time() - start:.1f}s", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
-    return x
-
-
-def check_size(height: int, width: int, multiple: int, what: str) -> None:
-    for name, v in (("--h", height), ("--w", width)):
-        if v <= 0 or v % multiple:
-            raise ValueError(f"{name} {v} is not a positive multiple of {multiple} ({what})")
-
-
-def takes_guidance(model) -> bool:
-    """Whether a latent backbone or pixel model is guidance-distilled (FLUX-dev): guidance is one of its inputs."""
-    return getattr(getattr(model.cfg, "backbone", model.cfg), "guidance_embeds", False)
-
-
-def denoise(model, text, prompts: list[str], x: torch.Tensor, sigmas: torch.Tensor, guidance: float,
-            negative_prompt: str = "", progress: bool = False, **model_kwargs) -> torch.Tensor:
-    """Encode the prompts with `text` (a source's text side, hub.LatentPipeline.text), and the negative prompt
-    when guiding, then integrate from noise x to data. A guidance-distilled model (FLUX-dev) gets `guidance` as
-    its input instead: no CFG batch."""
-    if takes_guidance(model):
-        model_kwargs["guidance"], guidance = guidance, 1.0
-    cond = text(prompts)
-    uncond = text([negative_prompt] * len(prompts)) if guidance != 1 else None
-    x = x.to(next(model.parameters()).device)
-    velocity = lambda x, s: guided_velocity(model, x, s, cond, uncond, guidance, **model_kwargs)  # noqa: E731
-    return euler_sample(velocity, x, sigmas, progress)
-
-
-def source_family(cfg) -> str:
-    """The SOURCE_DEFAULTS key of a latent backbone config: "zimage", "sd3", "flux-schnell" or "flux-dev"."""
-    family = backbone_family(cfg)
-    if family == "flux":
-        return "flux-dev" if cfg.guidance_embeds else "flux-schnell"
-    return family
-
-
-def source_defaults(cfg) -> dict:
-    """steps and guidance a latent source samples with when its recipe card names none."""
-    return dict(SOURCE_DEFAULTS[source_family(cfg)])
-
-
 @torch.no_grad()
 def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int], height: int, width: int,
-                  steps: int = SOURCE_STEPS, guidance: float = SOURCE_GUIDANCE, negative_prompt: str = "",
+                  steps: int, guidance: float = 1.0, negative_prompt: str = "",
                   latents: torch.Tensor | None = None, progress: bool = False, noise_device: str = "cpu"
                   ) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from a latent source: encode text, Euler in latent space, VAE decode.
@@ -220,39 +201,25 @@ def sample_latent(pipe: hub.LatentPipeline, prompts: list[str], seeds: list[int]
     instead. latents: (B, 16, H/8, W/8) for every family (FLUX packs them inside its forward)."""
     vae, dit = pipe.vae, pipe.transformer
     channels, patch = hub.latent_layout(dit.cfg)
-    check_size(height, width, vae.cfg.downsample * patch, f"VAE factor {vae.cfg.downsample} x {patch} latent "
+    runtime.check_size(height, width, vae.cfg.downsample * patch, f"VAE factor {vae.cfg.downsample} x {patch} latent "
                                                           "pixels per token")
     shape = (channels, height // vae.cfg.downsample, width // vae.cfg.downsample)
     x = initial_noise(seeds, shape, noise_device) if latents is None else latents
     sigmas = source_sigmas(steps, pipe.scheduler, (shape[1] // patch) * (shape[2] // patch),
-                           from_training_table=source_family(dit.cfg) == "sd3")
+                           from_training_table=hub.source_family(dit.cfg) == "sd3")
     x = denoise(dit, pipe.text, prompts, x, sigmas, guidance, negative_prompt, progress)
     images = vae.decode(x.to(next(vae.parameters()).dtype)).float()
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def pixel_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """(steps + 1,) sigmas of the released L2P sampler (DiffSynth's Z-Image schedule): shift(linspace(1, 0,
-    steps + 1)[:-1]), then 0. diffusers writes the same grid as linspace(1, 1/steps, steps); in float32 half of
-    the 30 values differ in their last bit from this form, enough to move a bfloat16-rounded timestep."""
-    return torch.cat([shift_sigmas(torch.linspace(1.0, 0.0, steps + 1)[:-1], shift), torch.zeros(1)])
+# ----------------------------------------------------------------------------------------------------
+# Patch and shift at any size (paper 3.4: the patch grows so the token grid stays, the shift rises)
+
+MAX_PIXEL_SHIFT = 6.0  # sigma <= 0.5 for raw sigma <= 1 / (shift + 1): a 7th of the steps at any size
+HIGH_RES_SHIFT_EXPONENT = math.log(4 / 3) / math.log(16)  # shift 3 at the native size -> 4 at 16x the pixels
 
 
-@torch.no_grad()
-def sample_pixels(model, text, prompts: list[str], seeds: list[int], height: int, width: int,
-                  steps: int = PIXEL_STEPS, guidance: float = PIXEL_GUIDANCE, shift: float = PIXEL_SHIFT,
-                  negative_prompt: str = "", noise: torch.Tensor | None = None, progress: bool = False,
-                  patch: int | None = None, noise_device: str = "cpu") -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] from an L2P pixel model: Euler directly on RGB, no VAE."""
-    patch = patch or model.cfg.patches[0]
-    check_size(height, width, patch, f"the pixel patch size {patch}")
-    x = initial_noise(seeds, (3, height, width), noise_device) if noise is None else noise
-    x = denoise(model, text, prompts, x, pixel_sigmas(steps, shift), guidance, negative_prompt, progress,
-                patch=patch)
-    return (x / 2 + 0.5).clamp(0, 1)
-
-
-def high_resolution_shift(height: int, width: int, native: int = DEFAULT_SIZE, base: float = PIXEL_SHIFT) -> float:
+def high_resolution_shift(height: int, width: int, native: int = hub.DEFAULT_SIZE, base: float = PIXEL_SHIFT) -> float:
     """The flow shift for a pixel model at any size: `base` at its native size, growing with the pixel count
     (not the token count, which large patches keep at the native grid), bounded by MAX_PIXEL_SHIFT.
 
@@ -266,13 +233,14 @@ def high_resolution_shift(height: int, width: int, native: int = DEFAULT_SIZE, b
 
 
 DERIVABLE_PATCHES = (32, 64)  # larger patches a model without them can derive from its 16-px embedder
+
 # Up to this many times the native side a model samples with a patch it was trained with, as the official code
 # samples the release (patch 16, shift 3) at every size; beyond it the 16-px grid would hold 4x the trained
 # tokens or more, so a larger patch is derived from the 16-px embedder instead (an extrapolation, said aloud).
 DERIVE_PATCH_ABOVE = 2
 
 
-def choose_patch(patches: tuple[int, ...], height: int, width: int, native: int = DEFAULT_SIZE) -> int:
+def choose_patch(patches: tuple[int, ...], height: int, width: int, native: int = hub.DEFAULT_SIZE) -> int:
     """The patch a pixel model samples (height, width) with when none is asked for: the smallest trained patch
     that keeps the token grid at most the native one (16 px at the native size; 64 px at 4x for a model trained
     there); else, up to DERIVE_PATCH_ABOVE x the native side, the largest trained patch that divides the size
@@ -298,28 +266,36 @@ def patch_and_shift(patches: tuple[int, ...], height: int, width: int, native: i
     return patch, shift or grown
 
 
+# ----------------------------------------------------------------------------------------------------
+# Loading any model this project samples
+
+def sampling_defaults(ckpt: str, source: str | None = None) -> tuple[str, dict, dict]:
+    """(kind, recipe card, defaults) of a checkpoint, from metadata and configs alone: kind "latent" for a source
+    pipeline, "pixel" for an L2P checkpoint; defaults h, w, steps, guidance and shift (hub.recipe_defaults) are the
+    source's recipe card's, else the L2P release's for a pixel model (shift: its base shift, see patch_and_shift),
+    else the source family's for a latent one (which has no shift to choose)."""
+    root = hub.resolve(ckpt, ["model_index.json", "transformer/config.json", hub.RECIPE_CARD])
+    if root.is_dir() and (root / "model_index.json").is_file():
+        cfg = hub.pipeline_transformer_config(root / "transformer", hub.read_pipeline_index(root)["_class_name"])
+        card = hub.recipe_card(ckpt)
+        family = hub.SOURCE_DEFAULTS[hub.source_family(cfg)]
+        return "latent", card, hub.recipe_defaults(card, "synth", hub.SIZE_DEFAULTS | family | {"shift": None})
+    card = hub.recipe_card(source or transfer.source_of(ckpt))
+    return "pixel", card, hub.recipe_defaults(card, "sample", hub.SIZE_DEFAULTS | PIXEL_DEFAULTS)
+
+
 @dataclass
 class ImageModel:
-    """A loaded text-to-image model, latent source or L2P pixel model, and its source's recipe card."""
+    """A loaded text-to-image model, latent source or L2P pixel model, with its sampling defaults."""
 
     kind: str  # "latent" or "pixel"
-    card: dict
-    pipe: hub.LatentPipeline | None = None  # latent: everything; pixel: the source's text encoder and tokenizer
+    defaults: dict  # sampling_defaults
+    pipe: hub.LatentPipeline  # latent: everything; pixel: the source's text encoder and tokenizer
     pixel_model: object = None
-
-    def defaults(self) -> dict:
-        """steps, guidance, shift, height, width: the recipe card's, else the source's or the L2P release's.
-        For a pixel model `shift` is the base shift at the native size (see high_resolution_shift)."""
-        key = "sample" if self.kind == "pixel" else "synth"
-        built_in = ({"steps": PIXEL_STEPS, "guidance": PIXEL_GUIDANCE, "shift": PIXEL_SHIFT} if self.kind == "pixel"
-                    else source_defaults(self.pipe.transformer.cfg) | {"shift": None})
-        height, width = self.card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
-        return built_in | {k: v for k, v in self.card.get(key, {}).items() if k in built_in} | {"height": height,
-                                                                                                 "width": width}
 
     @property
     def native(self) -> int:
-        return max(self.card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
+        return max(self.defaults["h"], self.defaults["w"])
 
     def settings(self, height: int, width: int, shift: float | None = None, patch: int | None = None) -> dict:
         """The patch and shift a pixel model samples (height, width) with (patch_and_shift); an untrained
@@ -327,7 +303,7 @@ class ImageModel:
         if self.kind == "latent":
             return {"patch": None, "shift": None}
         patches = self.pixel_model.cfg.patches
-        patch, shift = patch_and_shift(patches, height, width, self.native, self.defaults()["shift"], patch, shift)
+        patch, shift = patch_and_shift(patches, height, width, self.native, self.defaults["shift"], patch, shift)
         if patch not in patches:
             print(f"patch {patch}: no trained embedder, derived from the 16-px one (area-downsampled pixels): an "
                   "extrapolation the model was not trained for", file=sys.stderr)
@@ -346,37 +322,26 @@ class ImageModel:
                              patch=chosen["patch"], noise_device=noise_device)
 
 
-def is_latent_source(ckpt: str) -> bool:
-    root = hub.resolve(ckpt)
-    return root.is_dir() and (root / "model_index.json").is_file()
-
-
-def peek_card(ckpt: str, source: str | None = None) -> tuple[str, dict]:
-    """(kind, recipe card) of a checkpoint from its metadata and configs alone: no weights are read."""
-    if is_latent_source(ckpt):
-        return "latent", hub.recipe_card(ckpt)
-    return "pixel", hub.recipe_card(source or transfer.source_of(ckpt))
-
-
 def load_model(ckpt: str, dtype=torch.float32, device="cpu", *, source: str | None = None,
                transformer: str | None = None, ema: bool = True) -> ImageModel:
     """A latent source (hub id or diffusers folder) or any L2P checkpoint, ready to sample."""
-    if is_latent_source(ckpt):
-        return ImageModel("latent", hub.recipe_card(ckpt), pipe=hub.load_pipeline(ckpt, dtype, device,
-                                                                                    transformer=transformer))
+    kind, _, defaults = sampling_defaults(ckpt, source)
+    if kind == "latent":
+        return ImageModel(kind, defaults, hub.load_pipeline(ckpt, dtype, device, transformer=transformer))
     model, meta = transfer.load_pixel_model(ckpt, dtype, device, source=source, ema=ema)
     source = source or meta["source"]["id"]  # --source: where the recorded source lives now
-    text = hub.load_pipeline(source, dtype, device, parts=("text",))
-    return ImageModel("pixel", hub.recipe_card(source), pipe=text, pixel_model=model)
+    return ImageModel(kind, defaults, hub.load_pipeline(source, dtype, device, parts=("text",)), model)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Memory: what sampling a pixel model holds at its peak, to choose tiles and chunks and for --dry-run
+# Memory: what sampling a pixel model holds at its peak, to choose tiles and chunks, refuse what cannot fit, and
+# print for --dry-run
 
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 BLOCK_ACTIVATIONS = 12  # (tokens x dim) tensors alive inside a block: residual, norm, q, k, v, attention, 2 x 8/3 MLP
 HEAD_SHARE = 0.25  # of the memory budget, for the Detailer Head's full-resolution activations (and attention's)
 TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128)
+
 # On a CPU the head tile stays at most this, whatever the memory budget allows: large tiles are slow there.
 # Toy model at 4096^2, bf16, 2-core Xeon, the head alone (CFG batch), before huge pages: tile 2048 10.5 s,
 # 1024 6.9 s, 512 5.7 s, 256 6.4 s (every large block mapped fresh; smaller tiles recompute more of the 64-px
@@ -483,152 +448,6 @@ def print_memory(parts: dict[str, int], baseline: int, measured: int | None = No
               file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Output and CLI
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> 8-bit RGB, rounded as diffusers' image processor does."""
-    return Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
-
-
-def save_png(image: Image.Image, path: Path, settings: dict) -> None:
-    """Write atomically, with the settings that made the image as PNG text metadata ("l2p" key, JSON)."""
-    info = PngInfo()
-    info.add_text("l2p", json.dumps(settings))
-    with runtime.atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
-def defaults_help(key: str) -> str:
-    """"zimage 8, sd3 40, ...": a SOURCE_DEFAULTS setting per family, for --help."""
-    return ", ".join(f"{family} {values[key]:g}" for family, values in SOURCE_DEFAULTS.items())
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=str(transfer.DEFAULT_RUN),
-                   help="an L2P checkpoint (train.py run folder or one of its step-NNNNNN folders, trained-tensor or "
-                        "standalone file, or the official release, e.g. zhen-nan/L2P/model-1k-merge.safetensors), or a "
-                        "latent source pipeline (hub id or diffusers folder); default: runs/l2p, where train.py writes")
-    p.add_argument("--source", help="L2P: where base weights and the text encoder come from (default: as recorded)")
-    p.add_argument("--transformer", help="latent source: replace its transformer with this folder or single file")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    p.add_argument("--prompts", type=Path, help="prompt file: plain text, one per line, or JSONL with 'prompt'")
-    p.add_argument("--negative-prompt", default="", help="negative prompt for guidance (default: empty)")
-    p.add_argument("--h", type=positive_int, help=f"image height (default: the source's recipe card, else {DEFAULT_SIZE})")
-    p.add_argument("--w", type=positive_int, help=f"image width (default: the source's recipe card, else {DEFAULT_SIZE})")
-    p.add_argument("--steps", type=positive_int, help=f"Euler steps (default: recipe card, else {PIXEL_STEPS} for L2P, "
-                                                      f"for a source {defaults_help('steps')})")
-    p.add_argument("--guidance", type=non_negative_float,
-                   help=f"classifier-free guidance, 1 = off; FLUX-dev: its embedded guidance (default: recipe card, "
-                        f"else {PIXEL_GUIDANCE} for L2P, for a source {defaults_help('guidance')})")
-    p.add_argument("--shift", type=positive_float,
-                   help=f"L2P: flow shift of the schedule (default: the model's, {PIXEL_SHIFT} for the release, "
-                        "raised only when a larger patch than the trained one is used at a large size)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--noise-device", default="cpu", choices=("cpu", "cuda"),
-                   help="where the initial noise is drawn: cpu (default: the same image on any machine) or cuda "
-                        "(the official L2P inference's rand_device, to reproduce its images on a GPU)")
-    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (consecutive seeds)")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward batch")
-    p.add_argument("--no-ema", action="store_true", help="L2P run or step folder: use the raw weights, not the EMA")
-    p.add_argument("--patch", type=positive_int,
-                   help=f"L2P: patch size (default: a trained one; above {DERIVE_PATCH_ABOVE}x the native size the "
-                        "smallest that keeps the native token grid, derived from the 16-px embedder if untrained)")
-    p.add_argument("--head-tile", type=non_negative_int,
-                   help=f"L2P: Detailer Head tile in pixels, a multiple of 16; 0 = untiled (default: from the memory "
-                        f"budget; on CPU at most {CPU_HEAD_TILE}, which is faster)")
-    p.add_argument("--attention-chunk", type=non_negative_int,
-                   help="queries per attention call, 0 = all (default: from the memory budget under --sdpa-backend "
-                        "math, else all: the fused kernels hold no score matrix)")
-    p.add_argument("--sdpa-backend", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"),
-                   help="restrict scaled_dot_product_attention to one backend (all but math need CUDA)")
-    p.add_argument("--memory-budget", type=positive_float,
-                   help="GiB sampling may use: tiles and chunks are chosen for it, and a size that cannot fit is "
-                        "refused before any weight loads (default: 90%% of the GPU, 80%% of available RAM)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="L2P: print the chosen patch, shift, tile and chunk, the estimated peak memory and whether it "
-                        "fits the budget; read no weights")
-    p.add_argument("--out", type=Path, help="a .png file (one image) or a folder (default: sample.png or samples/)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
-                   help="auto (bf16 on CUDA and on CPUs with native bf16: AMX or AVX512-BF16; else fp32), bf16, fp16 "
-                        "or fp32")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> list[Path]:
-    args = parse_args(argv)
-    kind, card = peek_card(args.ckpt, args.source)
-    prompts = (args.prompt or []) + ([r["prompt"] for r in runtime.read_prompt_file(args.prompts)] if args.prompts else [])
-    prompts = prompts or card.get("sample", {}).get("prompts", [])
-    if not prompts:
-        raise ValueError("give --prompt or --prompts")
-    jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.images_per_prompt))]
-    out = args.out or (Path("sample.png") if len(jobs) == 1 else Path("samples"))
-    single = out.suffix == ".png"
-    if single and len(jobs) > 1:
-        raise ValueError(f"--out {out} is one file but there are {len(jobs)} images: give a folder")
-    if single and out.is_dir():
-        raise ValueError(f"--out {out}: is a folder; give a new file name, or the folder without .png")
-    if args.head_tile and args.head_tile % transfer.PIXEL_PATCH:  # and of the head's cell: plan_pixel_sampling
-        raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of {transfer.PIXEL_PATCH} (0 = untiled)")
-    card_height, card_width = card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE))
-    height, width = args.h or card_height, args.w or card_width
-    if kind == "latent":
-        check_size(height, width, hub.latent_pixel_multiple(hub.resolve(args.ckpt), args.transformer),
-                   "pixels per latent token")
-    else:
-        check_size(height, width, transfer.PIXEL_PATCH, "the pixel patch size")
-    if args.patch and kind == "pixel":
-        check_size(height, width, args.patch, f"--patch {args.patch}")
-    # sampling only makes pictures, so bf16 where the CPU has it natively: a 4K step 2.6x faster (README)
-    device, dtype = runtime.pick_device_dtype(args.device, args.dtype, bf16_on_cpu=True)
-    plan = plan_pixel_sampling(args, card, prompts, height, width, device, dtype) if kind == "pixel" else None
-    if args.dry_run:
-        if plan is None:
-            raise ValueError("--dry-run estimates L2P pixel sampling; give an L2P checkpoint")
-        print(f"{height}x{width}, patch {plan['patch']}, shift {plan['shift']:.3f}, head tile {plan['tile']}, "
-              f"attention chunk {plan['chunk']}, batch {args.batch_size}", file=sys.stderr)
-        print_memory(plan["parts"], plan["baseline"])
-        print(plan["verdict"], file=sys.stderr)
-        return []
-    if plan and not plan_fits(plan):
-        raise ValueError(plan["verdict"])
-    folder = runtime.writable_folder(out.parent if single else out)
-    model = load_model(args.ckpt, dtype, device, source=args.source, transformer=args.transformer, ema=not args.no_ema)
-    d = model.defaults()
-    steps = args.steps or d["steps"]
-    guidance = args.guidance if args.guidance is not None else d["guidance"]
-    if plan:
-        model.pixel_model.head_tile = plan["tile"]
-    patch, shift = (plan["patch"], plan["shift"]) if plan else (None, None)
-    print(f"sampling {len(jobs)} image(s) at {height}x{width}: {steps} steps, guidance {guidance:g}"
-          + (f", patch {patch}, shift {shift:.3g}, {model.pixel_model.cfg.timestep_rule} timesteps" if plan else "")
-          + f", noise drawn on {args.noise_device}", file=sys.stderr)
-    backend = sdpa_backend(args.sdpa_backend, device)
-    written = []
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start : start + args.batch_size]
-        with attention_settings(query_chunk=plan["chunk"] if plan else None), backend:
-            images = model([p for p, _ in batch], [s for _, s in batch], height, width, steps, guidance, shift,
-                           args.negative_prompt, progress=True, patch=patch, noise_device=args.noise_device)
-        for i, ((prompt, seed), image) in enumerate(zip(batch, images)):
-            path = out if single else folder / f"{start + i:05d}.png"
-            settings = dict(prompt=prompt, seed=seed, ckpt=args.ckpt, steps=steps, guidance=guidance,
-                            negative_prompt=args.negative_prompt, height=height, width=width, patch=patch,
-                            shift=shift, noise_device=args.noise_device)
-            save_png(to_pil(image), path, settings)
-            written.append(path)
-            print(f"wrote {path}", file=sys.stderr)
-        del images, image  # or the next batch samples with these alive (0.19 GiB per 4K image)
-    if plan:
-        print("peak memory:", file=sys.stderr)
-        print_memory(plan["parts"], plan["baseline"], runtime.peak_memory(device))
-    return written
-
-
 def text_parameters(root: Path) -> int:
     """Parameters of a pipeline's text encoders, built on the meta device from their config.json files."""
     import tokenizer as tk
@@ -649,28 +468,27 @@ def text_parameters(root: Path) -> int:
     return total
 
 
-def plan_pixel_sampling(args, card: dict, prompts: list[str], height: int, width: int, device, dtype) -> dict:
-    """Patch, shift, head tile, attention chunk and the memory estimate, from configs alone (no weights)."""
+def plan_pixel_sampling(args, native: int, base_shift: float, prompts: list[str], device, dtype) -> dict:
+    """Patch, shift, head tile, attention chunk and the memory estimate at (args.h, args.w), from configs alone
+    (no weights), with the verdict on the memory budget."""
     from model import PixelDiT
 
     cfg = transfer.peek_config(args.ckpt)
     source = args.source or transfer.source_of(args.ckpt)
     text_root = hub.resolve(source, ["model_index.json", "transformer/config.json", "text_encoder*/config.json",
                                      "tokenizer*/*"])
-    native = max(card.get("size", (DEFAULT_SIZE, DEFAULT_SIZE)))
+    height, width = args.h, args.w
     if args.head_tile and args.head_tile % cfg.head.cell:
         raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of this head's {cfg.head.cell}-px cell")
     if args.patch is not None and args.patch not in cfg.patches and args.patch % transfer.PIXEL_PATCH:
         raise ValueError(f"--patch {args.patch}: the model has no embedder for it (trained: {list(cfg.patches)}), "
                          f"and only multiples of {transfer.PIXEL_PATCH} derive from the 16-px one")
-    base_shift = card.get("sample", {}).get("shift", PIXEL_SHIFT)
     with torch.device("meta"):
         params = sum(p.numel() for p in PixelDiT(cfg).parameters()) + text_parameters(text_root)
     caption_tokens = hub.text_tokens(cfg.backbone)
     if caption_tokens is None:  # Z-Image: the longest prompt's valid tokens
         caption_tokens = int(hub.load_tokenizer(text_root / "tokenizer")(prompts)[1].sum(1).max())
-    guidance = args.guidance if args.guidance is not None else card.get("sample", {}).get("guidance", PIXEL_GUIDANCE)
-    guided = guidance != 1 and not getattr(cfg.backbone, "guidance_embeds", False)  # FLUX-dev: no CFG batch
+    guided = args.guidance != 1 and not getattr(cfg.backbone, "guidance_embeds", False)  # FLUX-dev: no CFG batch
     budget = memory_budget(device, args.memory_budget)
     baseline = 0 if device.type == "cuda" else runtime.peak_memory(device)
     math_attention = args.sdpa_backend == "math"
@@ -716,6 +534,133 @@ def memory_verdict(plan: dict, height: int, width: int, plan_at, patch: int | No
                 return f"{verdict}; {h}x{w} would fit"
         scale *= FIT_SEARCH_STEP
     return f"{verdict}; no size of this aspect fits (the weights alone take {plan['parts']['weights'] / 2**30:.2f} GiB)"
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=str(transfer.DEFAULT_RUN),
+                   help="an L2P checkpoint (train.py run folder or one of its step-NNNNNN folders, trained-tensor or "
+                        "standalone file, or the official release, e.g. zhen-nan/L2P/model-1k-merge.safetensors), or a "
+                        "latent source pipeline (hub id or diffusers folder); default: runs/l2p, where train.py writes")
+    p.add_argument("--source", help="L2P: where base weights and the text encoder come from (default: as recorded)")
+    p.add_argument("--transformer", help="latent source: replace its transformer with this folder or single file")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    p.add_argument("--prompts", type=Path, help="prompt file: plain text, one per line, or JSONL with 'prompt'")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for guidance (default: empty)")
+    p.add_argument("--h", type=positive_int, help=f"image height (default: the source's recipe card, else {hub.DEFAULT_SIZE})")
+    p.add_argument("--w", type=positive_int, help=f"image width (default: the source's recipe card, else {hub.DEFAULT_SIZE})")
+    p.add_argument("--steps", type=positive_int, help=f"Euler steps (default: recipe card, else {PIXEL_STEPS} for L2P, "
+                                                      f"for a source {hub.defaults_help('steps')})")
+    p.add_argument("--guidance", type=non_negative_float,
+                   help=f"classifier-free guidance, 1 = off; FLUX-dev: its embedded guidance (default: recipe card, "
+                        f"else {PIXEL_GUIDANCE} for L2P, for a source {hub.defaults_help('guidance')})")
+    p.add_argument("--shift", type=positive_float,
+                   help=f"L2P: flow shift of the schedule (default: the model's, {PIXEL_SHIFT} for the release, "
+                        "raised only when a larger patch than the trained one is used at a large size)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--noise-device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the initial noise is drawn: cpu (default: the same image on any machine) or cuda "
+                        "(the official L2P inference's rand_device, to reproduce its images on a GPU)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (consecutive seeds)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward batch")
+    p.add_argument("--no-ema", action="store_true", help="L2P run or step folder: use the raw weights, not the EMA")
+    p.add_argument("--patch", type=positive_int,
+                   help=f"L2P: patch size (default: a trained one; above {DERIVE_PATCH_ABOVE}x the native size the "
+                        "smallest that keeps the native token grid, derived from the 16-px embedder if untrained)")
+    p.add_argument("--head-tile", type=non_negative_int,
+                   help=f"L2P: Detailer Head tile in pixels, a multiple of 16; 0 = untiled (default: from the memory "
+                        f"budget; on CPU at most {CPU_HEAD_TILE}, which is faster)")
+    p.add_argument("--attention-chunk", type=non_negative_int,
+                   help="queries per attention call, 0 = all (default: from the memory budget under --sdpa-backend "
+                        "math, else all: the fused kernels hold no score matrix)")
+    p.add_argument("--sdpa-backend", default="auto", choices=("auto", "flash", "cudnn", "efficient", "math"),
+                   help="restrict scaled_dot_product_attention to one backend (all but math need CUDA)")
+    p.add_argument("--memory-budget", type=positive_float,
+                   help="GiB sampling may use: tiles and chunks are chosen for it, and a size that cannot fit is "
+                        "refused before any weight loads (default: 90%% of the GPU, 80%% of available RAM)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="L2P: print the chosen patch, shift, tile and chunk, the estimated peak memory and whether it "
+                        "fits the budget; read no weights")
+    p.add_argument("--out", type=Path, help="a .png file (one image) or a folder (default: sample.png or samples/)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
+                   help="auto (bf16 on CUDA and on CPUs with native bf16: AMX or AVX512-BF16; else fp32), bf16, fp16 "
+                        "or fp32")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[Path]:
+    args = parse_args(argv)
+    kind, card, defaults = sampling_defaults(args.ckpt, args.source)
+    native = max(defaults["h"], defaults["w"])
+    base_shift = defaults.pop("shift")  # the pixel model's own: patch_and_shift raises it where a size needs it
+    runtime.fill_unset(args, defaults)
+    prompts = (args.prompt or []) + ([r["prompt"] for r in runtime.read_prompt_file(args.prompts)] if args.prompts else [])
+    prompts = prompts or card.get("sample", {}).get("prompts", [])
+    if not prompts:
+        raise ValueError("give --prompt or --prompts")
+    jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.images_per_prompt))]
+    out = args.out or (Path("sample.png") if len(jobs) == 1 else Path("samples"))
+    single = out.suffix == ".png"
+    if single and len(jobs) > 1:
+        raise ValueError(f"--out {out} is one file but there are {len(jobs)} images: give a folder")
+    if single and out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a new file name, or the folder without .png")
+    if args.head_tile and args.head_tile % transfer.PIXEL_PATCH:  # and of the head's cell: plan_pixel_sampling
+        raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of {transfer.PIXEL_PATCH} (0 = untiled)")
+    height, width = args.h, args.w
+    if kind == "latent":
+        runtime.check_size(height, width, hub.latent_pixel_multiple(hub.resolve(args.ckpt), args.transformer),
+                   "pixels per latent token")
+    else:
+        runtime.check_size(height, width, transfer.PIXEL_PATCH, "the pixel patch size")
+    if args.patch and kind == "pixel":
+        runtime.check_size(height, width, args.patch, f"--patch {args.patch}")
+    # sampling only makes pictures, so bf16 where the CPU has it natively: a 4K step 2.6x faster (README)
+    device, dtype = runtime.pick_device_dtype(args.device, args.dtype, bf16_on_cpu=True)
+    plan = plan_pixel_sampling(args, native, base_shift, prompts, device, dtype) if kind == "pixel" else None
+    if args.dry_run:
+        if plan is None:
+            raise ValueError("--dry-run estimates L2P pixel sampling; give an L2P checkpoint")
+        print(f"{height}x{width}, patch {plan['patch']}, shift {plan['shift']:.3f}, head tile {plan['tile']}, "
+              f"attention chunk {plan['chunk']}, batch {args.batch_size}", file=sys.stderr)
+        print_memory(plan["parts"], plan["baseline"])
+        print(plan["verdict"], file=sys.stderr)
+        return []
+    if plan and not plan_fits(plan):
+        raise ValueError(plan["verdict"])
+    folder = runtime.writable_folder(out.parent if single else out)
+    model = load_model(args.ckpt, dtype, device, source=args.source, transformer=args.transformer, ema=not args.no_ema)
+    steps, guidance = args.steps, args.guidance
+    if plan:
+        model.pixel_model.head_tile = plan["tile"]
+    patch, shift = (plan["patch"], plan["shift"]) if plan else (None, None)
+    print(f"sampling {len(jobs)} image(s) at {height}x{width}: {steps} steps, guidance {guidance:g}"
+          + (f", patch {patch}, shift {shift:.3g}, {model.pixel_model.cfg.timestep_rule} timesteps" if plan else "")
+          + f", noise drawn on {args.noise_device}", file=sys.stderr)
+    backend = sdpa_backend(args.sdpa_backend, device)
+    written = []
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start : start + args.batch_size]
+        with attention_settings(query_chunk=plan["chunk"] if plan else None), backend:
+            images = model([p for p, _ in batch], [s for _, s in batch], height, width, steps, guidance, shift,
+                           args.negative_prompt, progress=True, patch=patch, noise_device=args.noise_device)
+        for i, ((prompt, seed), image) in enumerate(zip(batch, images)):
+            path = out if single else folder / f"{start + i:05d}.png"
+            settings = dict(prompt=prompt, seed=seed, ckpt=args.ckpt, steps=steps, guidance=guidance,
+                            negative_prompt=args.negative_prompt, height=height, width=width, patch=patch,
+                            shift=shift, noise_device=args.noise_device)
+            runtime.save_png(image, path, settings)
+            written.append(path)
+            print(f"wrote {path}", file=sys.stderr)
+        del images, image  # or the next batch samples with these alive (0.19 GiB per 4K image)
+    if plan:
+        print("peak memory:", file=sys.stderr)
+        print_memory(plan["parts"], plan["baseline"], runtime.peak_memory(device))
+    return written
 
 
 def sdpa_backend(name: str, device: torch.device):

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import hub
+import runtime
 import sample
 import transfer
 from model import ZImageConfig, ZImageDiT, shift_sigmas
@@ -607,7 +608,7 @@ def evaluate_source(dit, vae, text, tokenizer, specs, steps: int, guidance: floa
         chunk = specs[i:i + 30]
         x = sample.sample_latent(pipe, [s.prompt for s in chunk], [seed + i + j for j in range(len(chunk))],
                                  NATIVE, NATIVE, steps, guidance)
-        images += [sample.to_pil(im) for im in x]
+        images += [runtime.to_pil(im) for im in x]
     return shape_eval(specs, images), images
 
 
@@ -737,7 +738,7 @@ def evaluate(model: "sample.ImageModel", specs: list[Spec], seeds: int, steps: i
     for i in range(0, len(jobs), batch):
         chunk = jobs[i:i + batch]
         x = model([s.prompt for s, _ in chunk], [k for _, k in chunk], size, size, steps, guidance, shift)
-        images += [sample.to_pil(im) for im in x]
+        images += [runtime.to_pil(im) for im in x]
     judged = [s for s, _ in jobs]
     reference = [render_spec(s, k, size) for s, k in jobs]
     return shape_eval(judged, images, judge) | {QUALITY: image_quality(images, reference)}, images, judged
@@ -748,9 +749,9 @@ def judge(ckpt: str, specs: list[Spec], seeds: int = 1, size: int | None = None,
           judge: str = "geneval") -> tuple[dict, list[Image.Image], list[Spec]]:
     """Load a model and `evaluate` it with its recipe card's sampling settings unless given (size: its native)."""
     model = sample.load_model(ckpt)
-    d = model.defaults()
+    d = model.defaults
     return evaluate(model, specs, seeds, steps or d["steps"], d["guidance"] if guidance is None else guidance, None,
-                    size or d["height"], batch, judge)
+                    size or d["h"], batch, judge)
 
 
 def grid(images: list[Image.Image], specs: list[Spec], columns: int = 10, cell: int = NATIVE,

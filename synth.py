@@ -8,7 +8,7 @@ file `{prompt:06d}-{k}.png`. Under torchrun rank r makes the images with j % wor
 written under a temporary name and renamed when complete, and carries its own metadata row as PNG text,
 so an existing file is a finished image: a killed run resumes by skipping them, with nothing lost or made
 twice. When every image exists, `metadata.jsonl` (one row per image, in order) is written from the PNGs.
-Defaults follow the source's recipe card, else its family's recommended inference (sample.SOURCE_DEFAULTS:
+Defaults follow the source's recipe card, else its family's recommended inference (hub.SOURCE_DEFAULTS:
 Z-Image-Turbo 8 steps, no guidance; SD3.5-Medium 40 steps, CFG 4.5; FLUX.1-schnell 4 steps; FLUX.1-dev 50 steps,
 embedded guidance 3.5).
 """
@@ -92,10 +92,10 @@ def parse_args(argv=None):
     p.add_argument("--h", type=positive_int, help="image height (default: the recipe card's, else 1024)")
     p.add_argument("--w", type=positive_int, help="image width (default: the recipe card's, else 1024)")
     p.add_argument("--steps", type=positive_int, help=f"Euler steps of the source (default: card, else by family: "
-                                                      f"{sample.defaults_help('steps')})")
+                                                      f"{hub.defaults_help('steps')})")
     p.add_argument("--guidance", type=non_negative_float,
                    help=f"guidance, 1 = off; FLUX-dev: its embedded guidance (default: card, else by family: "
-                        f"{sample.defaults_help('guidance')})")
+                        f"{hub.defaults_help('guidance')})")
     p.add_argument("--seed", type=int, default=0, help="seed of image 0; image j uses seed + j")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward batch on each rank")
     p.add_argument("--device", default="auto", help="auto (CUDA device LOCAL_RANK when present), cpu, cuda:N")
@@ -104,32 +104,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fill_from_card(args, card: dict, defaults: dict) -> None:
-    """Unset flags take the source's recipe card values (l2p.json), else `defaults` (its family's steps and
-    guidance, sample.source_defaults) and the built-in size and seeds per prompt."""
-    recipe = card.get("synth", {})
-    height, width = card.get("size", (sample.DEFAULT_SIZE, sample.DEFAULT_SIZE))
-    unset = {"h": height, "w": width, "steps": recipe.get("steps", defaults["steps"]),
-             "guidance": recipe.get("guidance", defaults["guidance"]),
-             "images_per_prompt": recipe.get("images_per_prompt", PAPER_IMAGES_PER_PROMPT)}
-    for key, value in unset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.prompts is None:
-        args.prompts = hub.resolve(args.ckpt) / recipe["prompts"] if "prompts" in recipe else DEFAULT_PROMPTS
-
-
 def synthesize(argv=None) -> Path:
     args = parse_args(argv)
     rank, world = rank_and_world()
     configs = hub.resolve(args.ckpt, ["model_index.json", "transformer/config.json"])  # no weights yet
     pipeline_class = hub.read_pipeline_index(configs)["_class_name"]
-    defaults = sample.source_defaults(hub.pipeline_transformer_config(configs / "transformer", pipeline_class))
-    fill_from_card(args, hub.recipe_card(args.ckpt), defaults)
+    family = hub.source_family(hub.pipeline_transformer_config(configs / "transformer", pipeline_class))
+    card = hub.recipe_card(args.ckpt)
+    runtime.fill_unset(args, hub.recipe_defaults(card, "synth", hub.SIZE_DEFAULTS | hub.SOURCE_DEFAULTS[family]
+                                                 | {"images_per_prompt": PAPER_IMAGES_PER_PROMPT}))
+    if args.prompts is None:  # the card's prompt file lies in the source's folder
+        prompts = card.get("synth", {}).get("prompts")
+        args.prompts = hub.resolve(args.ckpt) / prompts if prompts else DEFAULT_PROMPTS
     jobs = plan_jobs(runtime.read_prompt_file(args.prompts), args.images_per_prompt, args.seed)
     root = hub.resolve(args.ckpt)
     hub.read_pipeline_index(root)
-    sample.check_size(args.h, args.w, hub.latent_pixel_multiple(root), "pixels per latent token")
+    runtime.check_size(args.h, args.w, hub.latent_pixel_multiple(root), "pixels per latent token")
     out = runtime.writable_folder(args.out)
     device, dtype = runtime.pick_device_dtype(args.device, args.dtype)
     with runtime.folder_lock(out) if rank == 0 else nullcontext():
@@ -158,7 +148,7 @@ def make_images(args, jobs: list[Job], out: Path, device, dtype, rank: int, worl
                                       args.steps, args.guidance)
         for job, image in zip(batch, images):
             row = {"file": job.file, "prompt": job.prompt, "category": job.category, "seed": job.seed} | common
-            sample.save_png(sample.to_pil(image), out / job.file, row)  # atomic: a whole image or none
+            runtime.save_png(image, out / job.file, row)  # atomic: a whole image or none
         n = done + len(batch)
         rate = n / (time.time() - start)
         print(f"{tag}{n}/{len(todo)} images  {rate * 60:.1f} img/min  ETA {(len(todo) - n) / rate / 60:.1f} min",

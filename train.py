@@ -449,14 +449,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def fill_defaults(args) -> None:
-    """Unset flags take the source's recipe card values, else the paper's (PAPER_DEFAULTS)."""
-    card = hub.recipe_card(args.ckpt).get("train", {})
-    for key, value in PAPER_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, card.get(key, value))
-
-
 def parse_head_widths(text: str) -> HeadConfig:
     try:
         widths = tuple(int(w) for w in text.split(","))
@@ -471,7 +463,7 @@ def train(argv=None) -> dict:
     """Returns {"step", "losses": [per-step loss averaged over ranks], "out", "stopped": the signal that stopped
     the run early, or None}."""
     args = parse_args(argv)
-    fill_defaults(args)
+    runtime.fill_unset(args, hub.recipe_defaults(hub.recipe_card(args.ckpt), "train", PAPER_DEFAULTS))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.world_size, args.global_batch = world, world * args.batch_size
     plan = transfer.make_plan(args.freeze, args.blocks)

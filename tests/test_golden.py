@@ -184,7 +184,7 @@ def test_official_l2p_release():
     assert transfer.is_official_release(release)
     cfg = transfer.official_config(release)
     model = conforms(lambda: PixelDiT(cfg), transfer.from_official(release))
-    turbo = transfer.pixel_config(ZImageConfig.from_dict(turbo_config()), cfg.head_widths, timestep_rule="official")
+    turbo = transfer.pixel_config(ZImageConfig.from_dict(turbo_config()), cfg.head, timestep_rule="official")
     assert cfg == replace(turbo, backbone=replace(turbo.backbone, axes_lens=cfg.backbone.axes_lens))
     # the fake release test_recipe.py samples from is written under these names
     assert shape_diff(to_official(model.state_dict()), shapes(L2P_RELEASE)) == []

@@ -143,7 +143,7 @@ def test_sample_cli_on_sd3_writes_a_png(folders, tmp_path):
     image = Image.open(out)
     settings = json.loads(image.info["l2p"])
     assert image.size == (32, 32) and settings["steps"] == 2
-    assert settings["guidance"] == sample.SOURCE_DEFAULTS["sd3"]["guidance"]
+    assert settings["guidance"] == hub.SOURCE_DEFAULTS["sd3"]["guidance"]
 
 
 def test_synth_cli_on_flux_dev(folders, tmp_path):
@@ -153,7 +153,7 @@ def test_synth_cli_on_flux_dev(folders, tmp_path):
                             "--h", "32", "--w", "48", "--steps", "2", "--images-per-prompt", "1",
                             "--device", "cpu", "--dtype", "fp32"])
     row = json.loads((out / runtime.CORPUS_METADATA).read_text())
-    assert row["guidance"] == sample.SOURCE_DEFAULTS["flux-dev"]["guidance"] and row["shift"] == "dynamic"
+    assert row["guidance"] == hub.SOURCE_DEFAULTS["flux-dev"]["guidance"] and row["shift"] == "dynamic"
     assert Image.open(out / row["file"]).size == (48, 32)
 
 

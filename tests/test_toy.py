@@ -30,7 +30,7 @@ def test_bundled_source_is_a_faithful_zimage_folder():
 @pytest.mark.slow
 def test_bundled_source_follows_its_prompts():
     model = sample.load_model(SOURCE)
-    d = model.defaults()
+    d = model.defaults
     scores, _, _ = shapes.evaluate(model, shapes.evaluation_specs(10), 1, d["steps"], d["guidance"], None)
     print("bundled source ShapeEval:", shapes.fmt(scores))
     assert scores["overall"] >= 0.7, scores
@@ -52,6 +52,6 @@ def test_reduced_recipe_transfer_beats_scratch(tmp_path):
         train.train(["--data", str(data), "--out", str(out), "--init", init, "--freeze", freeze, "--steps", "120",
                      "--log-every", "40"])
         model = sample.load_model(str(out))
-        scores[init], _, _ = shapes.evaluate(model, specs, 1, 10, model.defaults()["guidance"], None)
+        scores[init], _, _ = shapes.evaluate(model, specs, 1, 10, model.defaults["guidance"], None)
     print({k: shapes.fmt(v) for k, v in scores.items()})
     assert scores["transfer"]["overall"] > scores["scratch"]["overall"] + 0.1, scores
