@@ -332,7 +332,10 @@ def expand_subclass(sub: SubClass, settings: PromptSettings) -> Generator[ChatRe
         reply = yield ChatRequest(EXPANDER_SYSTEM, user, request_seed(settings.seed, "expand", sub.category, attempt),
                                   sampling)
         listed = (read_json_reply(reply, {"categories": list}) or {}).get("categories", [])
-        distinct = {normalized(c): c.strip() for c in listed if isinstance(c, str) and normalized(c)}
+        distinct = {}  # normalised name -> its first spelling
+        for name in listed:
+            if isinstance(name, str) and normalized(name):
+                distinct.setdefault(normalized(name), name.strip())
         fine = list(distinct.values())[: settings.fine_categories]
         if fine:
             return {"category": sub.category, "fine_categories": fine, "malformed": attempt}
