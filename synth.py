@@ -190,10 +190,12 @@ def make_images(args, jobs: list[Job], out: Path, device, dtype, rank: int, worl
 #
 # Prompt j of the corpus is "slot" j: its sub-class, fine category, variant and checklist draws follow from j and
 # the seed alone, and each request draws from its own seeded generator, so a slot's outcome does not depend on the
-# batch it ran in or on the world size. A slot is written to slots/{j:06d}.json when decided (kept, or rejected
-# --attempts times), atomically: a killed run resumes by skipping decided slots. Rank r decides the slots with
-# j % world == r; the rank that finds slots 0..n-1 all decided adds slots n, n+1, ... for the prompts that were
-# rejected or duplicated, until n remain, and writes prompts.jsonl (read by `synth.py --prompts`) and stats.json.
+# batch it ran in or on the world size (exactly in float32; in bf16 a batch's shape may change the rounding, and
+# so, rarely, a sampled token). A slot is written to slots/{j:06d}.json when decided (kept, or rejected --attempts
+# times), atomically: a killed run resumes by skipping decided slots. Every file has one maker: rank 0 expands the
+# taxonomy while the other ranks wait for it; rank r decides the slots with j % world == r; rank 0 then waits for
+# all of slots 0..n-1, adds slots n, n+1, ... for the prompts rejected or duplicated until n remain, and writes
+# prompts.jsonl (read by `synth.py --prompts`) and stats.json.
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ PAPER_PROMPTS = 10_000
 PAPER_FINE_CATEGORIES = 52  # x 20 sub-classes: the paper's "over 1,000 fine-grained categories"
 MAX_SLOTS_PER_PROMPT = 2  # at most n more slots replace the rejected prompts of slots 0..n-1
 PROMPTS_FILE, STATS_FILE = "prompts.jsonl", "stats.json"
+WAIT_SECONDS = 1.0  # how often a rank looks for the files another rank makes
 
 # Our own wording of the paper's templates (Figs. 10 and 11). Each request's fields come as JSON in the user turn.
 EXPANDER_SYSTEM = """\
@@ -449,12 +452,23 @@ def slot_path(out: Path, slot: int) -> Path:
     return out / "slots" / f"{slot:06d}.json"
 
 
-def expand_taxonomy(lm, out: Path, settings: PromptSettings, batch_size: int, tag: str) -> dict[str, list[str]]:
-    """Stage 1 on every rank: its 20 requests take one batch, and no rank then waits for another's files."""
+def expand_taxonomy(lm, out: Path, settings: PromptSettings, batch_size: int, tag: str) -> None:
     todo = [(category_path(out, sub), expand_subclass(sub, settings)) for sub in TAXONOMY
             if not category_path(out, sub).exists()]
     run_tasks(lm, todo, batch_size, "sub-classes expanded", tag)
+
+
+def fine_categories(out: Path) -> dict[str, list[str]]:
     return {sub.category: json.loads(category_path(out, sub).read_text())["fine_categories"] for sub in TAXONOMY}
+
+
+def wait_for(paths: list[Path], what: str, tag: str) -> None:
+    """Wait until another rank has made these files. Under torchrun a failed rank stops them all, so no rank
+    waits on a dead one."""
+    if not all(p.exists() for p in paths):
+        print(f"{tag}waiting for the {what} of other ranks", file=sys.stderr)
+    while not all(p.exists() for p in paths):
+        time.sleep(WAIT_SECONDS)
 
 
 def fill_slots(lm, out: Path, slots, fine: dict[str, list[str]], settings: PromptSettings, batch_size: int,
@@ -513,13 +527,17 @@ def finish_corpus(lm, out: Path, n: int, fine: dict[str, list[str]], settings: P
 
 
 def make_prompts(lm, out: Path, n: int, settings: PromptSettings, batch_size: int, rank: int, world: int) -> Path:
-    """This rank's share of the prompts; the corpus files once every slot is decided."""
+    """Stage 1 on rank 0 (20 requests), this rank's share of slots 0..n-1, and on rank 0 the rest."""
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
-    fine = expand_taxonomy(lm, out, settings, batch_size, tag)
+    if rank == 0:
+        expand_taxonomy(lm, out, settings, batch_size, tag)
+    wait_for([category_path(out, sub) for sub in TAXONOMY], "expanded sub-classes", tag)
+    fine = fine_categories(out)
     fill_slots(lm, out, range(rank, n, world), fine, settings, batch_size, tag)
-    if not all(slot_path(out, j).exists() for j in range(n)):
-        print(f"{tag}my share is done; {PROMPTS_FILE} is written once every rank's slots exist", file=sys.stderr)
+    if rank != 0:
+        print(f"{tag}my share is done; rank 0 writes {out / PROMPTS_FILE}", file=sys.stderr)
         return out / PROMPTS_FILE
+    wait_for([slot_path(out, j) for j in range(n)], "slots", tag)
     return finish_corpus(lm, out, n, fine, settings, batch_size, tag)
 
 
@@ -535,16 +553,21 @@ def parse_prompt_args(argv=None):
                    help="Z-Image pipeline (hub id or diffusers folder) whose text_encoder and tokenizer write")
     p.add_argument("--out", type=Path, default=Path("prompts-zimage"),
                    help=f"folder: {PROMPTS_FILE}, {STATS_FILE}, and the per-slot and per-category results")
-    p.add_argument("--n", type=positive_int, default=PAPER_PROMPTS, help="prompts to keep (paper: 10k)")
+    p.add_argument("--n", type=positive_int, default=PAPER_PROMPTS, help=f"prompts to keep (default: the paper's {PAPER_PROMPTS})")
     p.add_argument("--fine-categories", type=positive_int, default=PAPER_FINE_CATEGORIES,
-                   help="fine-grained categories asked per sub-class (20 sub-classes)")
+                   help=f"fine-grained categories asked per sub-class (default {PAPER_FINE_CATEGORIES}: over "
+                        f"1,000 for the 20 sub-classes, as the paper)")
     p.add_argument("--attempts", type=positive_int, default=PromptSettings.attempts,
-                   help="tries per prompt: each malformed reply, broken rule or audit rejection costs one")
+                   help=f"tries per prompt: each malformed reply, broken rule or audit rejection costs one "
+                        f"(default {PromptSettings.attempts})")
     p.add_argument("--temperature", type=non_negative_float, default=PromptSettings.temperature,
-                   help="sampling temperature of the writer (0: greedy); the auditor is always greedy")
-    p.add_argument("--top-p", type=positive_float, default=PromptSettings.top_p, help="nucleus sampling, in (0, 1]")
+                   help=f"sampling temperature of the writer (default {PromptSettings.temperature}; 0: greedy); "
+                        "the auditor is always greedy")
+    p.add_argument("--top-p", type=positive_float, default=PromptSettings.top_p, help=f"nucleus sampling, in (0, 1] (default {PromptSettings.top_p})")
     p.add_argument("--seed", type=int, default=PromptSettings.seed, help="decides every draw of the corpus")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="requests per generation batch on each rank")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="requests per generation batch on each rank (default 64; KV cache ~ 0.15 MB per token per "
+                        "request for Qwen3-4B in bf16)")
     p.add_argument("--device", default="auto", help="auto (CUDA device LOCAL_RANK when present), cpu, cuda:N")
     p.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
                    help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")

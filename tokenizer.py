@@ -353,7 +353,8 @@ def generate_tokens(model: Qwen3CausalLM, prompts: list[list[int]], seeds: list[
 
     One batch, LEFT padded: every row's last prompt token is then in the last column, so one column of next tokens
     extends all rows, and position_ids gives a padded row the positions it has alone. Each row draws from its own
-    CPU generator seeded by its seed, so a reply does not depend on the batch it shares or on the device.
+    CPU generator seeded by its seed, so a reply does not depend on the batch it shares (up to the rounding of
+    batched matmuls: none seen in float32, rare token flips possible in bf16) or on the device.
     """
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     B, P = len(prompts), max(len(p) for p in prompts)
