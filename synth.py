@@ -553,17 +553,19 @@ def parse_prompt_args(argv=None):
                    help="Z-Image pipeline (hub id or diffusers folder) whose text_encoder and tokenizer write")
     p.add_argument("--out", type=Path, default=Path("prompts-zimage"),
                    help=f"folder: {PROMPTS_FILE}, {STATS_FILE}, and the per-slot and per-category results")
-    p.add_argument("--n", type=positive_int, default=PAPER_PROMPTS, help=f"prompts to keep (default: the paper's {PAPER_PROMPTS})")
+    p.add_argument("--n", type=positive_int, default=PAPER_PROMPTS,
+                   help=f"prompts to keep (default: the paper's {PAPER_PROMPTS})")
     p.add_argument("--fine-categories", type=positive_int, default=PAPER_FINE_CATEGORIES,
                    help=f"fine-grained categories asked per sub-class (default {PAPER_FINE_CATEGORIES}: over "
-                        f"1,000 for the 20 sub-classes, as the paper)")
+                        "1,000 for the 20 sub-classes, as the paper)")
     p.add_argument("--attempts", type=positive_int, default=PromptSettings.attempts,
-                   help=f"tries per prompt: each malformed reply, broken rule or audit rejection costs one "
+                   help="tries per prompt: each malformed reply, broken rule or audit rejection costs one "
                         f"(default {PromptSettings.attempts})")
     p.add_argument("--temperature", type=non_negative_float, default=PromptSettings.temperature,
                    help=f"sampling temperature of the writer (default {PromptSettings.temperature}; 0: greedy); "
                         "the auditor is always greedy")
-    p.add_argument("--top-p", type=positive_float, default=PromptSettings.top_p, help=f"nucleus sampling, in (0, 1] (default {PromptSettings.top_p})")
+    p.add_argument("--top-p", type=positive_float, default=PromptSettings.top_p,
+                   help=f"nucleus sampling, in (0, 1] (default {PromptSettings.top_p})")
     p.add_argument("--seed", type=int, default=PromptSettings.seed, help="decides every draw of the corpus")
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="requests per generation batch on each rank (default 64; KV cache ~ 0.15 MB per token per "
