@@ -29,8 +29,9 @@ import runtime
 from model import FLUX_PACK, FLUX_RELEASED_AXES, FluxConfig, FluxDiT, SD3Config, SD3MMDiT, ZImageConfig, ZImageDiT
 from tokenizer import (CLIP_MAX_TOKENS, FLUX_DEV_T5_TOKENS, FLUX_SCHNELL_T5_TOKENS, QWEN3_CHAT_TEMPLATE,
                        SD3_T5_TOKENS, AutoencoderKL,
-                       CLIPPromptTokenizer, CLIPTextConfig, CLIPTextEncoder, FluxText, PromptTokenizer, Qwen3Config,
-                       Qwen3TextEncoder, SD3Text, T5Config, T5Encoder, T5PromptTokenizer, VAEConfig, ZImageText)
+                       CLIPPromptTokenizer, CLIPTextConfig, CLIPTextEncoder, FluxText, PromptTokenizer, Qwen3CausalLM,
+                       Qwen3Config, Qwen3TextEncoder, SD3Text, T5Config, T5Encoder, T5PromptTokenizer, VAEConfig,
+                       ZImageText)
 
 
 class CheckpointError(ValueError):
@@ -357,6 +358,25 @@ def load_qwen3(location: Path, dtype: torch.dtype, device) -> Qwen3TextEncoder:
     cfg = Qwen3Config.from_dict(read_json(location / "config.json"))
     tensors = qwen3_tensors(read_tensors(location, device), cfg)
     return load_module(lambda: Qwen3TextEncoder(cfg), tensors, location, dtype, device)
+
+
+def load_qwen3_lm(location: Path, dtype: torch.dtype, device) -> Qwen3CausalLM:
+    """The whole Qwen3 causal LM from a transformers Qwen3 folder: Z-Image's text_encoder (a Qwen3Model's keys,
+    tied, no lm_head.weight) or a Qwen3ForCausalLM's (`model.` prefix; lm_head.weight when untied)."""
+    config = read_json(location / "config.json")
+    cfg = Qwen3Config.from_dict(config)
+    tied = config.get("tie_word_embeddings", False)  # transformers' Qwen3Config default
+    tensors = {k.removeprefix("model."): t for k, t in read_tensors(location, device).items()}
+    head, embed = tensors.get("lm_head.weight"), tensors.get("embed_tokens.weight")
+    if tied and head is not None:
+        if embed is None or not torch.equal(head, embed):
+            raise CheckpointError(f"{location}: config.json sets tie_word_embeddings true, but the stored "
+                                  "lm_head.weight differs from embed_tokens.weight (set it false to use the head)")
+        del tensors["lm_head.weight"]  # a tied copy, as older transformers versions saved it
+    if not tied and head is None:
+        raise CheckpointError(f"{location}: config.json sets tie_word_embeddings false (or leaves it unset), but "
+                              "there is no lm_head.weight (set it true if the head is the word embedding matrix)")
+    return load_module(lambda: Qwen3CausalLM(cfg, tied), tensors, location, dtype, device)
 
 
 def load_tokenizer(folder: Path) -> PromptTokenizer:

@@ -3,6 +3,7 @@
 Text: prompt tokenization with `tokenizers` (Z-Image's chat formatting of a Qwen3 byte-level BPE, CLIP's BPE,
 T5's unigram) and the text encoders: Qwen3, whose second-to-last hidden state conditions Z-Image; CLIP-L,
 OpenCLIP bigG and T5, whose outputs `sd3_conditioning` / `flux_conditioning` assemble as SD3 and FLUX expect.
+Run to its last layer, Z-Image's Qwen3 is also the chat model that writes and audits the corpus's prompts.
 Images: the 16-channel AutoencoderKL, the *latent* tokenizer that only the source model needs (synth.py).
 The *pixel* tokenizer that replaces it after transfer is a plain reshape, `model.patchify`.
 
@@ -138,6 +139,16 @@ class Qwen3Config:
         return cls(**kwargs)
 
 
+def rope_cos_sin(cfg: Qwen3Config, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the RoPE angles of integer `positions`, any shape -> (*positions.shape, head_dim)."""
+    inv_freq = 1.0 / cfg.rope_theta ** (
+        torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=positions.device) / cfg.head_dim
+    )
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Llama-style RoPE on (B, heads, L, head_dim): the two halves of head_dim form the rotated pairs."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -157,12 +168,14 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache: "LayerKV | None" = None):
         # (B, L, D) -> (B, heads, L, head_dim)
         q = self.q_norm(self.q_proj(x).unflatten(-1, (-1, self.cfg.head_dim))).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).unflatten(-1, (-1, self.cfg.head_dim))).transpose(1, 2)
         v = self.v_proj(x).unflatten(-1, (-1, self.cfg.head_dim)).transpose(1, 2)
         q, k = rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
+        if cache is not None:  # generation: attend to every earlier token's keys and values too
+            k, v = cache.append(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
@@ -186,8 +199,8 @@ class Qwen3Layer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache: "LayerKV | None" = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -212,12 +225,7 @@ class Qwen3TextEncoder(nn.Module):
         """ids, mask: (B, L) -> hidden states (B, L, hidden). Positions count from 0 whatever the padding."""
         B, L = ids.shape
         x = self.embed_tokens(ids)
-        inv_freq = 1.0 / self.cfg.rope_theta ** (
-            torch.arange(0, self.cfg.head_dim, 2, dtype=torch.float32, device=ids.device) / self.cfg.head_dim
-        )
-        angles = torch.arange(L, dtype=torch.float32, device=ids.device)[:, None] * inv_freq
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = rope_cos_sin(self.cfg, torch.arange(L, device=ids.device), x.dtype)
         causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
         attend = causal[None, None] & mask[:, None, None, :].to(ids.device)  # (B, 1, L, L)
         for layer in self.layers:
@@ -232,6 +240,181 @@ def encode_prompts(encoder: Qwen3TextEncoder, tokenizer: PromptTokenizer, prompt
     ids, mask = tokenizer(prompts)
     hidden = encoder(ids.to(device), mask.to(device))
     return [h[m] for h, m in zip(hidden, mask.to(device))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Qwen3 as a causal LM (transformers Qwen3ForCausalLM): the same layers run to the end, to write text
+#
+# Z-Image's text_encoder folder holds the whole Qwen3-4B chat model: 36 layers, the final norm, and word
+# embeddings tied to the output head (tie_word_embeddings, so no lm_head.weight is stored). The encoder above
+# stops at hidden_states[-2]; run to the end, the same weights write and audit the corpus's prompts
+# (synth.py prompts), with no second model to download.
+
+QWEN3_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the end of an assistant turn, the end of a text
+QWEN3_PAD_TOKEN = "<|endoftext|>"  # tokenizer_config.json's pad_token; padded positions are never attended
+
+
+def qwen3_chat_prompt(system: str, user: str) -> str:
+    """Qwen3's chat template with a system and a user turn, `add_generation_prompt=True` and
+    `enable_thinking=False`: the empty think block makes the hybrid-thinking model answer at once."""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+            "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+class LayerKV:
+    """One layer's keys and values for a batch, preallocated (B, kv_heads, max_len, head_dim) and filled in order:
+    a decoding step then costs one token's projections, not the whole sequence's."""
+
+    def __init__(self, cfg: Qwen3Config, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, kv_heads, L, head_dim) new keys and values; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions counting valid tokens from 0, as transformers' generate derives them from the attention
+    mask: a left-padded row gets the positions it would have alone (padding gets 0, and is never attended)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Qwen3CausalLM(nn.Module):
+    """All the layers, the final norm and the output head; tied, the head is the word embedding matrix itself
+    (logits = h @ embed_tokens.weight.T), else its own lm_head."""
+
+    def __init__(self, cfg: Qwen3Config, tie_word_embeddings: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Qwen3Layer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+               cache: list[LayerKV] | None = None) -> torch.Tensor:
+        """ids, positions (B, Lq): new tokens; key_mask (B, T) bool: which of all T tokens so far (the cached ones,
+        then these) are real -> final normed hidden states (B, Lq, hidden)."""
+        x = self.embed_tokens(ids)
+        cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, Lq, head_dim): the same angles for every head
+        Lq, T = ids.shape[1], key_mask.shape[1]
+        key = torch.arange(T, device=ids.device)
+        query = key[T - Lq :, None]  # (Lq, 1): the new tokens are the last Lq of the T
+        # causal, over real keys; a padding query sees itself, so its softmax row is never empty (NaN)
+        attend = (key <= query) & (key_mask[:, None, None, :] | (key == query))  # (B, 1, Lq, T)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attend, None if cache is None else cache[i])
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, L), padded on either side -> logits (B, L, vocab)."""
+        return self.logits(self.hidden(ids, position_ids(mask), mask))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one reply is drawn. temperature 0 is greedy decoding; top_p keeps the smallest set of most likely
+    tokens whose probability reaches it (nucleus sampling, Holtzman et al. 2020)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                  uniform: torch.Tensor) -> torch.Tensor:
+    """(B, vocab) float logits -> (B,) next tokens, each row with its own temperature, top_p and uniform draw in
+    [0, 1): inverse-CDF sampling over the row's nucleus, so the token depends on that row alone."""
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)
+    probs, order = probs.sort(dim=-1, descending=True)
+    before = probs.cumsum(-1) - probs  # the mass of the more likely tokens; 0 for the first, which always stays
+    cdf = probs.masked_fill(before >= top_p[:, None], 0.0).cumsum(-1)
+    pick = (cdf < uniform[:, None] * cdf[:, -1:]).sum(-1).clamp(max=logits.shape[-1] - 1)
+    sampled = order.gather(-1, pick[:, None])[:, 0]
+    return torch.where(temperature == 0, logits.argmax(-1), sampled)
+
+
+@torch.no_grad()
+def generate_tokens(model: Qwen3CausalLM, prompts: list[list[int]], seeds: list[int], samplings: list[Sampling],
+                    stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    """Token ids -> the new ids of each prompt, up to and including its first stop id or max_new_tokens.
+
+    One batch, LEFT padded: every row's last prompt token is then in the last column, so one column of next tokens
+    extends all rows, and position_ids gives a padded row the positions it has alone. Each row draws from its own
+    CPU generator seeded by its seed, so a reply does not depend on the batch it shares (up to the rounding of
+    batched matmuls: none seen in float32, rare token flips possible in bf16) or on the device.
+    """
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    B, P = len(prompts), max(len(p) for p in prompts)
+    steps = max(s.max_new_tokens for s in samplings)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, P, dtype=torch.bool)
+    for i, row in enumerate(prompts):
+        ids[i, P - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, P - len(row) :] = True
+    ids, mask = ids.to(device), mask.to(device)
+    positions = position_ids(mask)
+    cache = [LayerKV(model.cfg, B, P + steps, dtype, device) for _ in model.layers]
+    hidden = model.hidden(ids, positions, mask, cache)[:, -1]  # the prompt at once (prefill)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    temperature = torch.tensor([s.temperature for s in samplings], device=device)
+    top_p = torch.tensor([s.top_p for s in samplings], device=device)
+    stop = set(stop_ids)
+    replies: list[list[int]] = [[] for _ in range(B)]
+    live = [True] * B
+    position = positions[:, -1:]
+    for _ in range(steps):
+        uniform = torch.tensor([torch.rand((), generator=g).item() for g in generators], device=device)
+        tokens = sample_tokens(model.logits(hidden).float(), temperature, top_p, uniform)
+        for i, token in enumerate(tokens.tolist()):
+            if live[i]:
+                replies[i].append(token)
+                live[i] = token not in stop and len(replies[i]) < samplings[i].max_new_tokens
+        if not any(live):
+            break
+        # finished rows keep decoding with the batch; what they add is never read
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        position = position + 1
+        hidden = model.hidden(tokens[:, None], position, mask, cache)[:, -1]  # one token per row
+    return replies
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat turn to answer: the system and user messages, and how the reply is drawn."""
+
+    system: str
+    user: str
+    seed: int
+    sampling: Sampling
+
+
+class Qwen3Chat:
+    """A Qwen3 causal LM and its tokenizer behind one call: `generate(requests) -> reply texts`."""
+
+    def __init__(self, model: Qwen3CausalLM, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = [tokenizer.token_to_id(t) for t in QWEN3_STOP_TOKENS if tokenizer.token_to_id(t) is not None]
+        self.pad_id = tokenizer.token_to_id(QWEN3_PAD_TOKEN) or 0
+
+    def generate(self, requests: list[ChatRequest]) -> list[str]:
+        prompts = [self.tokenizer.encode(qwen3_chat_prompt(r.system, r.user)).ids for r in requests]
+        replies = generate_tokens(self.model, prompts, [r.seed for r in requests], [r.sampling for r in requests],
+                                  self.stop_ids, self.pad_id)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in replies]
 
 
 # ----------------------------------------------------------------------------------------------------
