@@ -11,7 +11,6 @@ libraries (diffusers) come from requirements-dev.txt; they are imported here onl
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 import hub
+import runtime
 import train
 import transfer
 from model import HeadConfig, ZImageConfig, ZImageDiT
@@ -41,12 +41,12 @@ def median_seconds(fn, repeats: int) -> float:
 
 def bench_dit(args) -> dict:
     """Forward of a tiny-but-real-shaped Z-Image DiT: ours vs diffusers' ZImageTransformer2DModel."""
-    sys.path.insert(0, str(Path(__file__).parent / "tests"))
-    from fixtures import tiny_zimage_transformer  # the test fixtures build the reference model
+    from diffusers import ZImageTransformer2DModel
 
     head_dim = args.dim // args.heads
-    ref = tiny_zimage_transformer(dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.blocks,
-                                  cap_feat_dim=args.dim, axes_dims=[head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8])
+    torch.manual_seed(0)  # the values do not change the cost; both sides use these same weights
+    ref = ZImageTransformer2DModel(dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.blocks,
+                                   cap_feat_dim=args.dim, axes_dims=[head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8])
     folder = Path(args.workdir) / "bench-dit"
     ref.save_pretrained(folder)
     # on a GPU both run in bf16 (as Z-Image is served); on a CPU in float32
@@ -80,7 +80,8 @@ def train_step_child(args) -> dict:
     source = ZImageDiT(ZImageConfig(dim=args.dim, n_heads=args.heads, n_kv_heads=args.heads, cap_feat_dim=args.dim,
                                     axes_dims=(head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = transfer.transfer(source.to(device), transfer.make_plan(args.plan, 5), HeadConfig.from_widths((8, 16, 32, 64)), verbose=False)
+    model = transfer.transfer(source.to(device), transfer.make_plan(args.plan, 5), HeadConfig.from_widths((8, 16, 32, 64)),
+                              verbose=False)
     model.set_gradient_checkpointing(args.grad_ckpt)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.PAPER_LR, weight_decay=train.PAPER_WEIGHT_DECAY)
@@ -101,8 +102,7 @@ def train_step_child(args) -> dict:
         times.append(time.perf_counter() - start)
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
     trainable, total = transfer.count_parameters(model)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = runtime.peak_memory(device)
     return {"plan": args.plan, "trainable": trainable, "total": total, "grad_mb": grad_bytes / 2**20,
             "optimizer_mb": state_bytes / 2**20, "peak_mb": peak / 2**20,
             "step_s": statistics.median(times[1:]), "device": device.type}
@@ -174,9 +174,7 @@ def highres_child(args) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         seconds = timed(step, device, 1 if args.child == "decode" else args.repeats)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"seconds": seconds, "peak": peak}
+    return {"seconds": seconds, "peak": runtime.peak_memory(device)}
 
 
 def bench_highres(args) -> list[dict]:

@@ -391,34 +391,17 @@ def load_vae(location: Path, dtype: torch.dtype, device) -> AutoencoderKL:
 
 
 # ----------------------------------------------------------------------------------------------------
-# SD3 / FLUX text encoders (CLIP-L, OpenCLIP bigG, T5) and the VAE in LDM naming: folders and single files
+# SD3 / FLUX text encoders (CLIP-L, OpenCLIP bigG, T5): folders and single files
 
 COMBINED_TEXT_PREFIX = "text_encoders.{}.transformer."  # SD3 *_incl_clips*.safetensors (hub_formats.md 1.2)
 CLIP_MARKERS = ("text_model.embeddings.token_embedding.weight",  # transformers 4 (every hub file)
                 "embeddings.token_embedding.weight")  # CLIPTextModel saved by transformers >= 5
 T5_MARKERS = ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)
-VAE_LDM_PREFIX = "first_stage_model."  # the VAE inside SD3 single files; FLUX's ae.safetensors has no prefix
-VAE_LDM_MARKERS = ("encoder.down.0.block.0.conv1.weight",)
 # What a single file does not store, and the released files all share:
 CLIP_HEAD_DIM = 64  # CLIP-L is 12 heads of 64, OpenCLIP bigG 20 heads of 64
 CLIP_L_HIDDEN = 768  # OpenAI CLIP-L (hidden 768) uses quick_gelu; OpenCLIP bigG (1280) uses exact gelu
 T5_MAX_DISTANCE = 128  # relative_attention_max_distance of every T5 v1.1
-VAE_NORM_GROUPS = 32  # the LDM / BFL / SAI VAE code hard-codes GroupNorm(32)
-# Each family's vae/config.json latent factors, for a VAE file that has no config (hub_formats.md 4.1)
-VAE_LATENT_FACTORS = {"sd3": {"scaling_factor": 1.5305, "shift_factor": 0.0609},
-                      "flux": {"scaling_factor": 0.3611, "shift_factor": 0.1159}}
-LDM_VAE_RENAMES = (  # LDM / BFL / SAI name parts -> diffusers name parts (hub_formats.md 4.2), applied in order
-    (r"^encoder\.down\.(\d+)\.", r"encoder.down_blocks.\1."),
-    (r"\.block\.(\d+)\.", r".resnets.\1."),
-    (r"\.downsample\.", ".downsamplers.0."),
-    (r"\.upsample\.", ".upsamplers.0."),
-    (r"\.nin_shortcut\.", ".conv_shortcut."),
-    (r"\.mid\.block_(\d)\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
-    (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
-    (r"\.mid\.attn_1\.([qkv])\.", r".mid_block.attentions.0.to_\1."),
-    (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
-    (r"\.norm_out\.", ".conv_norm_out."),
-)
+
 
 
 def read_component(location: Path, prefixes: tuple[str, ...], markers: tuple[str, ...], what: str,
@@ -534,45 +517,6 @@ def load_t5_tokenizer(folder: Path) -> T5PromptTokenizer:
         raise CheckpointError(f"{folder}: no tokenizer.json (the fast-tokenizer file this project reads; "
                               "spiece.model alone is not enough)")
     return T5PromptTokenizer(folder)
-
-
-def vae_from_ldm(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LDM VAE names -> our (diffusers) names: renamed parts, decoder up-blocks numbered from the lowest
-    resolution instead of the highest, and the mid attention's 1x1 convs turned into linear weights."""
-    blocks = count_indexed(tensors, "decoder.up.")
-    out = {}
-    for key, t in tensors.items():
-        key = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up_blocks.{blocks - 1 - int(m[1])}.", key)
-        for pattern, replacement in LDM_VAE_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        out[key] = t[:, :, 0, 0] if ".attentions.0.to_" in key and t.ndim == 4 else t  # (C, C, 1, 1) -> (C, C)
-    return out
-
-
-def vae_config_from_tensors(tensors: dict[str, torch.Tensor], scaling_factor: float, shift_factor: float) -> VAEConfig:
-    """A VAE file's config from its (diffusers-named) shapes; latent scaling and shift are not stored in it."""
-    blocks = count_indexed(tensors, "encoder.down_blocks.")
-    return VAEConfig(
-        in_channels=tensors["encoder.conv_in.weight"].shape[1],
-        out_channels=tensors["decoder.conv_out.weight"].shape[0],
-        block_out_channels=tuple(tensors[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
-                                 for i in range(blocks)),
-        layers_per_block=count_indexed(tensors, "encoder.down_blocks.0.resnets."),
-        latent_channels=tensors["encoder.conv_out.weight"].shape[0] // 2,  # the encoder outputs mean and log-variance
-        norm_num_groups=VAE_NORM_GROUPS, scaling_factor=scaling_factor, shift_factor=shift_factor,
-        mid_block_add_attention="encoder.mid_block.attentions.0.to_q.weight" in tensors,
-        use_quant_conv="quant_conv.weight" in tensors, use_post_quant_conv="post_quant_conv.weight" in tensors,
-    )
-
-
-def load_vae_ldm(location: Path, dtype: torch.dtype, device, *, scaling_factor: float,
-                 shift_factor: float) -> AutoencoderKL:
-    """A VAE file in LDM naming: FLUX's ae.safetensors, or the `first_stage_model.` part of an SD3 single file.
-    The file has no config: pass the family's factors, `**VAE_LATENT_FACTORS["sd3"]` (1.5305, 0.0609) or
-    `**VAE_LATENT_FACTORS["flux"]` (0.3611, 0.1159)."""
-    tensors = vae_from_ldm(read_component(location, (VAE_LDM_PREFIX, ""), VAE_LDM_MARKERS, "an LDM-named VAE", device))
-    cfg = vae_config_from_tensors(tensors, scaling_factor, shift_factor)
-    return load_module(lambda: AutoencoderKL(cfg), tensors, location, dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -67,27 +67,64 @@ def test_training_changes_only_the_plan(recipe_run):
                    for k in model.state_dict()), "the latent embedder and final layer must be gone"
 
 
-def test_pixel_sampling_writes_images(recipe_run, tmp_path):
-    family, _, run = recipe_run
-    written = sample.main(["--ckpt", str(run), "--prompt", PROMPTS[0], *SIZE, "--steps", "3", "--guidance", "2",
-                           "--out", str(tmp_path / "x.png"), "--device", "cpu", "--dtype", "fp32"])
+def test_pixel_sampling_writes_the_image_an_euler_loop_makes(recipe_run, tmp_path):
+    """The PNG sample.py writes is the image a plain Euler loop written here makes from the same seed's noise:
+    guidance (classifier-free, or FLUX-dev's embedded scale), the shifted schedule and the sign all count."""
+    family, source, run = recipe_run
+    steps, guidance, seed, (h, w) = 3, 2.0, 42, (32, 48)
+    written = sample.main(["--ckpt", str(run), "--prompt", PROMPTS[0], "--h", str(h), "--w", str(w), "--steps",
+                           str(steps), "--guidance", str(guidance), "--seed", str(seed), "--out", str(tmp_path / "x.png"),
+                           "--device", "cpu", "--dtype", "fp32"])
     image = Image.open(written[0])
-    assert image.size == (48, 32)
-    assert json.loads(image.text["l2p"])["prompt"] == PROMPTS[0], "the PNG carries its settings"
-    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
-    assert pixels.std() > 0, "a constant image"
+    assert image.size == (w, h) and json.loads(image.text["l2p"])["prompt"] == PROMPTS[0]
+    model, _ = transfer.load_pixel_model(str(run))
+    text = hub.load_pipeline(str(source), parts=("text",)).text
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    raw = torch.linspace(1, 0, steps + 1)
+    sigmas = 3.0 * raw / (1 + 2.0 * raw)  # the release's shift 3
+    with torch.no_grad():
+        cond, uncond = text(PROMPTS[:1]), text([""])
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            sigma = torch.full((1,), float(s))
+            if family == "flux-dev":  # guidance-distilled: the scale is an input, no unconditional pass
+                v = model(x, sigma, cond, guidance=torch.full((1,), guidance))
+            else:
+                v_cond, v_uncond = model(x, sigma, cond), model(x, sigma, uncond)
+                v = v_uncond + guidance * (v_cond - v_uncond)
+            x = x + (s_next - s) * v
+    expected = ((x[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0) * 255).round()
+    got = torch.tensor(list(image.getdata()), dtype=torch.float32).reshape(h, w, 3)
+    assert (got - expected).abs().max() <= 1 and got.std() > 0
 
 
-def test_pixel_dry_run_estimates_memory(recipe_run, capsys):
-    _, _, run = recipe_run
-    sample.main(["--ckpt", str(run), "--prompt", PROMPTS[0], "--h", "64", "--w", "64", "--dry-run",
+def test_pixel_dry_run_estimates_memory(recipe_run, capsys, monkeypatch):
+    """The dry run's parts equal a count by hand, byte for byte: fp32 weights of the pixel model and its text
+    encoders, six full-size float32 images at the guidance step, 12 (tokens x width) activations per block input,
+    the feature map at the head's bottleneck, and the head's skips, input and last decoder stage (widths 8-64)."""
+    family, source, run = recipe_run
+    printed = {}
+    print_memory = sample.print_memory
+    monkeypatch.setattr(sample, "print_memory", lambda parts, *a: printed.update(parts) or print_memory(parts, *a))
+    sample.main(["--ckpt", str(run), "--prompt", PROMPTS[0], "--h", "64", "--w", "64", "--dry-run", "--guidance", "2",
                  "--device", "cpu", "--dtype", "fp32"])
     err = capsys.readouterr().err
-    assert "patch 16" in err and "total" in err
+    model, _ = transfer.load_pixel_model(str(run))
+    text = hub.load_pipeline(str(source), parts=("text",)).text
+    encoders = [m for m in vars(text).values() if isinstance(m, torch.nn.Module)]
+    params = sum(p.numel() for m in [model, *encoders] for p in m.parameters())
+    area, width = 64 * 64, model.cfg.backbone.dim
+    cfg_batch = 1 if family == "flux-dev" else 2  # FLUX-dev takes guidance as an input: no CFG batch
+    copies = 3 if family == "flux-dev" else 6  # Euler's x, v and new x; or x, the CFG pair, the output pair, the lerp
+    tokens = (64 // 16) ** 2 + hub.text_tokens(model.cfg.backbone)
+    by_hand = {"weights": 4 * params, "images": copies * 3 * area * 4,
+               "transformer": cfg_batch * tokens * width * 4 * 12, "feature map": cfg_batch * width * 4 * 4 * 4,
+               "head": cfg_batch * 4 * (3 * area + (8 + 16 / 4 + 32 / 16 + 64 / 64) * area + (2 * 8 + 8 + 8) * area)}
+    assert {k: printed[k] for k in by_hand} == by_hand and printed["attention scores"] == 0  # fused SDPA: none
+    assert "patch 16" in err and "fits: about" in err and re.search(r"  head\s+[\d.]+ GiB", err)
 
 
 def test_measured_peak_is_within_a_quarter_of_the_estimate(recipe_run, tmp_path):
-    """Issue 5's bound at a size where the full-size images and the head tiles dominate: sample.py, in its own
+    """The estimate's bound at a size where the full-size images and the head tiles dominate: sample.py, in its own
     process (the peak is the process's maximum RSS), prints the estimate and the measured peak."""
     _, _, run = recipe_run
     result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(run), "--prompt", PROMPTS[0], "--h", "2048",

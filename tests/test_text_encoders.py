@@ -5,10 +5,10 @@ diffusers, and every single-file layout a user may hold (hub_formats.md 1.2, 4.2
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import hub
-from fixtures import CLIP_TINY_VOCAB, build_clip_tokenizer, build_t5_tokenizer, tiny_clip, tiny_t5, tiny_vae
+from fixtures import CLIP_TINY_VOCAB, build_clip_tokenizer, build_t5_tokenizer, tiny_clip, tiny_t5
 from tokenizer import flux_conditioning, sd3_conditioning
 
 PROMPTS = [
@@ -268,54 +268,6 @@ def test_flux_conditioning_matches_diffusers(text_parts):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The VAE in LDM naming (FLUX ae.safetensors, SD3 first_stage_model.*)
-
-
-def to_ldm_vae(tensors: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:
-    """diffusers -> LDM names: the table of hub_formats.md 4.2 read right to left."""
-    import re
-
-    out = {}
-    for key, t in tensors.items():
-        key = re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{blocks - 1 - int(m[1])}.", key)
-        key = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.down.\1.", key)
-        key = re.sub(r"\.resnets\.(\d+)\.", r".block.\1.", key)
-        key = key.replace(".downsamplers.0.", ".downsample.").replace(".upsamplers.0.", ".upsample.")
-        key = key.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
-        key = key.replace(".mid_block.block.0.", ".mid.block_1.").replace(".mid_block.block.1.", ".mid.block_2.")
-        key = key.replace(".mid_block.attentions.0.group_norm.", ".mid.attn_1.norm.")
-        key = re.sub(r"\.mid_block\.attentions\.0\.to_([qkv])\.", r".mid.attn_1.\1.", key)
-        key = key.replace(".mid_block.attentions.0.to_out.0.", ".mid.attn_1.proj_out.")
-        out[key] = t[:, :, None, None] if ".attn_1." in key and key.endswith("weight") and t.ndim == 2 else t
-    return out
-
-
-def test_vae_ldm_naming_matches_diffusers(tmp_path):
-    """FLUX-style ae.safetensors (no prefix) and the first_stage_model. part of an SD3-style single file."""
-    ref = tiny_vae(seed=9)
-    ref.save_pretrained(tmp_path / "vae")
-    tensors = load_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
-    ldm = to_ldm_vae(tensors, blocks=len(ref.config.block_out_channels))
-    assert "decoder.up.1.upsample.conv.weight" in ldm and ldm["encoder.mid.attn_1.q.weight"].ndim == 4
-    save_file(ldm, tmp_path / "ae.safetensors")
-    save_file({f"first_stage_model.{k}": v for k, v in ldm.items()}
-              | {"model.diffusion_model.x_embedder.proj.weight": torch.zeros(4, 4)}, tmp_path / "sd3.safetensors")
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(1, 3, 16, 24, generator=g) * 2 - 1
-    latents = torch.randn(1, 16, 8, 12, generator=g)
-    cfg = ref.config
-    with torch.no_grad():
-        expected_mean = ref.encode(images).latent_dist.mean
-        expected_image = ref.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample
-    for name in ("ae.safetensors", "sd3.safetensors"):
-        ours = hub.load_vae_ldm(tmp_path / name, torch.float32, "cpu", **hub.VAE_LATENT_FACTORS["flux"])
-        assert ours.cfg == hub.load_vae(tmp_path / "vae", torch.float32, "cpu").cfg
-        with torch.no_grad():
-            assert relative_error(ours.encode_moments(images)[0], expected_mean) < 1e-5
-            assert relative_error(ours.decode(latents), expected_image) < 1e-5
-
-
-# ----------------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -327,9 +279,6 @@ def test_unknown_files_name_the_expected_keys(tmp_path):
         hub.load_clip(path, torch.float32, "cpu", which="clip_g")
     with pytest.raises(hub.CheckpointError, match=r"not a T5 encoder.*relative_attention_bias"):
         hub.load_t5(path, torch.float32, "cpu")
-    with pytest.raises(hub.CheckpointError, match=r"not an LDM-named VAE.*encoder\.down\.0\.block\.0\.conv1\.weight"
-                                                  r".*first_stage_model\."):
-        hub.load_vae_ldm(path, torch.float32, "cpu", **hub.VAE_LATENT_FACTORS["sd3"])
 
 
 def test_bad_text_inputs(tmp_path):
