@@ -393,7 +393,7 @@ def load_vae(location: Path, dtype: torch.dtype, device) -> AutoencoderKL:
 # ----------------------------------------------------------------------------------------------------
 # SD3 / FLUX text encoders (CLIP-L, OpenCLIP bigG, T5): folders and single files
 
-COMBINED_TEXT_PREFIX = "text_encoders.{}.transformer."  # SD3 *_incl_clips*.safetensors (hub_formats.md 1.2)
+COMBINED_TEXT_PREFIX = "text_encoders.{}.transformer."  # SD3 *_incl_clips*.safetensors (docs/formats.md, "Layouts")
 CLIP_MARKERS = ("text_model.embeddings.token_embedding.weight",  # transformers 4 (every hub file)
                 "embeddings.token_embedding.weight")  # CLIPTextModel saved by transformers >= 5
 T5_MARKERS = ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",)
@@ -523,14 +523,14 @@ def load_t5_tokenizer(folder: Path) -> T5PromptTokenizer:
 # SD3 / SD3.5 and FLUX.1 transformers: diffusers folders, or original (SAI / BFL) single files
 
 SAI_PREFIX = "model.diffusion_model."  # SAI and ComfyUI single files; the VAE beside it (first_stage_model.) is not read
-SD3_MARKERS = ("joint_blocks.0.context_block.adaLN_modulation.1.bias",  # SAI layout (hub_formats.md 1.2)
+SD3_MARKERS = ("joint_blocks.0.context_block.adaLN_modulation.1.bias",  # SAI layout (docs/formats.md, "Layouts")
                "pos_embed.proj.weight")  # diffusers layout saved as one file
 FLUX_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale",  # BFL layout
                 "single_transformer_blocks.0.proj_mlp.weight")  # diffusers layout saved as one file
 SD3_SAI_HEAD_DIM = 64  # SAI's MMDiT fixes heads of 64 (hidden = 64 x depth); used only when no q/k norm says otherwise
 # Original name prefix -> diffusers name prefix; "{i}" is a block index. A tuple is a fused tensor split along its
 # rows: the first names take `hidden` rows each, the last the rest (q, k, v; FLUX single blocks: q, k, v, mlp-in).
-SD3_ORIGINAL_NAMES = {  # hub_formats.md 2.4
+SD3_ORIGINAL_NAMES = {  # docs/formats.md, "SD3"
     "pos_embed": "pos_embed.pos_embed",
     "x_embedder.proj.": "pos_embed.proj.",
     "t_embedder.mlp.0.": "time_text_embed.timestep_embedder.linear_1.",
@@ -563,7 +563,7 @@ SD3_ORIGINAL_NAMES = {  # hub_formats.md 2.4
     "joint_blocks.{i}.context_block.mlp.fc1.": "transformer_blocks.{i}.ff_context.net.0.proj.",
     "joint_blocks.{i}.context_block.mlp.fc2.": "transformer_blocks.{i}.ff_context.net.2.",
 }
-FLUX_ORIGINAL_NAMES = {  # hub_formats.md 3.4
+FLUX_ORIGINAL_NAMES = {  # docs/formats.md, "FLUX"
     "img_in.": "x_embedder.",
     "txt_in.": "context_embedder.",
     "time_in.in_layer.": "time_text_embed.timestep_embedder.linear_1.",
@@ -644,7 +644,7 @@ def flux_from_original(tensors: dict[str, torch.Tensor], where: Path | str = "ch
 
 
 def sd3_config_from_tensors(tensors: dict[str, torch.Tensor], where: Path) -> SD3Config:
-    """A single file's config from its (diffusers-named) shapes, as SAI's loader infers it (hub_formats.md 2.2):
+    """A single file's config from its (diffusers-named) shapes, as SAI's loader infers it (docs/formats.md, "SD3"):
     head_dim from the q norm when there is one, else SAI's fixed 64; P = sqrt(table rows); dual-attention layers
     are those with attn2 weights. sample_size is not stored and not needed: the position table is."""
     dim, in_channels, patch, _ = shape_of(tensors, "pos_embed.proj.weight", where)
@@ -772,7 +772,7 @@ class PipelineFormat(NamedTuple):
     text_components: tuple[tuple[str, str], ...]  # (encoder folder, tokenizer folder) pairs the text side reads
 
 
-PIPELINE_FORMATS = {  # hub_formats.md 2.1, 3.1, 9
+PIPELINE_FORMATS = {  # docs/formats.md: "Z-Image", "SD3", "FLUX"
     "ZImagePipeline": PipelineFormat("ZImageTransformer2DModel", load_zimage_transformer,
                                      (("text_encoder", "tokenizer"),)),
     "StableDiffusion3Pipeline": PipelineFormat("SD3Transformer2DModel", load_sd3_transformer, (

@@ -411,7 +411,7 @@ class ZImageDiT(nn.Module):
 
 MMDIT_NORM_EPS = 1e-6  # the affine-free LayerNorms around every modulation and the q/k RMS norms, SD3 and FLUX alike
 MMDIT_MLP_RATIO = 4
-TIME_FEATURES = 256  # width of the sinusoidal timestep (and FLUX guidance) features (hub_formats.md 1.3)
+TIME_FEATURES = 256  # width of the sinusoidal timestep (and FLUX guidance) features (docs/formats.md, "Timestep embedding")
 
 
 class MLPEmbedder(nn.Module):
@@ -606,7 +606,7 @@ class MMDiTConfig(HubConfig):
 class SD3Config(MMDiTConfig):
     """Fields and defaults of diffusers' SD3Transformer2DModel config.json. The defaults are that class's own, so a
     config.json that omits a field (the original SD3-Medium one has no dual_attention_layers or qk_norm) means what
-    it means to diffusers. Real values (hub_formats.md 2.2): SD3-Medium 24 layers, 24 heads, P 192; SD3.5-Medium
+    it means to diffusers. Real values (docs/formats.md, "SD3"): SD3-Medium 24 layers, 24 heads, P 192; SD3.5-Medium
     adds qk_norm "rms_norm", dual_attention_layers 0..12, P 384; SD3.5-Large 38 layers, 38 heads, qk_norm, P 192."""
 
     sample_size: int = 128  # diffusers builds the position table from it; we load the stored table instead

@@ -167,7 +167,7 @@ def source_sigmas(steps: int, scheduler: dict, image_seq_len: int, from_training
     ZImagePipeline and FluxPipeline pass sigmas = linspace(1, 1/steps, steps). StableDiffusion3Pipeline passes
     none (`from_training_table`): set_timesteps then spaces `steps` sigmas evenly from the first to the last sigma
     of the scheduler's training table (1/1000 .. 1, already shifted unless the shift is dynamic), so the last one
-    is shifted twice (hub_formats.md 11: shift 3, 4 steps -> ..., 0.008929). Then each is shifted by `shift` or,
+    is shifted twice (docs/formats.md, "Schedulers": shift 3, 4 steps -> ..., 0.008929). Then each is shifted by `shift` or,
     with dynamic shifting, by exp(mu) of the image token count; a final 0 is appended."""
     used = [k for k in UNSUPPORTED_SCHEDULER_OPTIONS if scheduler.get(k)]
     if used:

@@ -618,7 +618,7 @@ class CLIPTextEncoder(nn.Module):
             x = layer(x)
         last_hidden = self.text_model.final_layer_norm(last(x))
         # Pool at argmax(ids): the hub configs keep the legacy eos_token_id 2, for which transformers takes the
-        # first occurrence of the largest id, i.e. the first EOS (hub_formats.md 5.1)
+        # first occurrence of the largest id, i.e. the first EOS (docs/formats.md, "Text encoders")
         pooled = last_hidden[torch.arange(len(ids), device=ids.device), ids.argmax(-1)]
         projected = self.text_projection(pooled) if self.text_projection is not None else None
         return CLIPOutput(x, last_hidden, pooled, projected)
@@ -791,7 +791,7 @@ def sd3_conditioning(prompts: list[str], clip_l: CLIPTextEncoder, clip_l_tokeniz
     Context: CLIP-L and bigG penultimate states side by side (77 x (768 + 1280)), zero-padded on channels to
     the T5 width, then T5's last hidden state along the sequence; without T5, zeros in its place.
     Pooled: both projected pooled outputs; a CLIP-L without text_projection (SAI's clip_l.safetensors)
-    contributes its un-projected pooled output, as SAI's reference does (hub_formats.md 2.6, Q1).
+    contributes its un-projected pooled output, as SAI's reference does (docs/formats.md, "SD3").
     """
     device = device_of(clip_l)
     outputs = [encoder(tokenizer(prompts).to(device_of(encoder)))

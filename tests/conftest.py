@@ -56,7 +56,7 @@ def sharded_transformer(tmp_path_factory, pipeline_dir) -> Path:
 
 
 def to_original_zimage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Invert the documented original -> diffusers mapping (hub_formats.md section 9)."""
+    """Invert the documented original -> diffusers mapping (docs/formats.md, "Z-Image")."""
     out = {"norm_final.weight": torch.ones(1)}
     for key, t in tensors.items():
         if key.endswith(".attention.to_k.weight") or key.endswith(".attention.to_v.weight"):

@@ -113,7 +113,7 @@ def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# SD3 / FLUX text encoders and their tokenizers (hub_formats.md 5 and 13.3)
+# SD3 / FLUX text encoders and their tokenizers (docs/formats.md, "Text encoders" and "Tiny checkpoints")
 
 CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")  # bos, eos: the two largest ids, as in CLIP's 49406, 49407
 CLIP_TINY_VOCAB = 1000
@@ -213,9 +213,9 @@ def tiny_t5(seed: int = 0, **overrides):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Whole SD3 / FLUX pipelines (hub_formats.md 2.1, 3.1): the reference classes, saved by save_pretrained
+# Whole SD3 / FLUX pipelines (docs/formats.md, "SD3" and "FLUX"): the reference classes, saved by save_pretrained
 
-# SD3.5-Medium-like (hub_formats.md 13.3): qk norms, a dual-attention first block, a context_pre_only last block.
+# SD3.5-Medium-like (docs/formats.md, "Tiny checkpoints"): qk norms, a dual-attention first block, a context_pre_only last block.
 # joint_attention_dim = the T5 width, >= CLIP-L + bigG widths (32 + 48, zero-padded up to it); pooled = 32 + 40.
 SD3_TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
                             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=96,
@@ -223,14 +223,14 @@ SD3_TINY_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_ch
                             dual_attention_layers=(0,), qk_norm="rms_norm")
 SD3_TINY_CLIP_G = dict(hidden_act="gelu", hidden_size=48, projection_dim=40, num_attention_heads=3)
 SD3_TINY_T5 = dict(d_model=96, num_heads=2, d_kv=16)
-SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # SD3-Medium's scheduler_config.json (hub_formats.md 2.7)
-SD3_VAE_FACTORS = dict(scaling_factor=1.5305, shift_factor=0.0609)  # hub_formats.md 4.1
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # SD3-Medium's scheduler_config.json (docs/formats.md, "SD3")
+SD3_VAE_FACTORS = dict(scaling_factor=1.5305, shift_factor=0.0609)  # docs/formats.md, "VAE"
 # FLUX.1-like: in_channels 16 latent channels x 2 x 2 packing, RoPE axes (4, 6, 6) summing to head_dim 16,
 # pooled = the CLIP-L width (no projection), joint_attention_dim = the T5 width.
 FLUX_TINY_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                              axes_dims_rope=(4, 6, 6))
-FLUX_SCHEDULERS = {  # the released scheduler_config.json files (hub_formats.md 3.6)
+FLUX_SCHEDULERS = {  # the released scheduler_config.json files (docs/formats.md, "FLUX")
     "schnell": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                     num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
     "dev": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,

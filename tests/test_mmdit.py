@@ -14,7 +14,7 @@ import model
 from fixtures import randomize
 from tokenizer import PooledText
 
-# hub_formats.md 13.3, with sample_size 16 so the stored position table is spaced 8 / 16 (SD3's is 64 / 192)
+# docs/formats.md, "Tiny checkpoints", with sample_size 16 so the stored position table is spaced 8 / 16 (SD3's is 64 / 192)
 SD3_TINY = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=8,
                 num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=24,
                 pos_embed_max_size=16)
@@ -172,7 +172,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd3_dirs, flux_dirs):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Original single files: fakes made by inverting hub_formats.md 2.4 / 3.4, written here independently of hub.py
+# Original single files: fakes made by inverting the renames of docs/formats.md ("SD3", "FLUX"), written here independently of hub.py
 
 
 class Inverter:

@@ -1,5 +1,5 @@
 """SD3 / SD3.5 and FLUX.1 latent sources against diffusers' StableDiffusion3Pipeline and FluxPipeline: the whole
-image from the same tiny folders, prompt and initial latents; the schedules against hub_formats.md 11's golden
+image from the same tiny folders, prompt and initial latents; the schedules against the golden
 values; the CLIs on tiny folders; and the errors of a pipeline we cannot read."""
 
 import json
@@ -97,7 +97,7 @@ def test_each_part_fetches_only_its_folders(folders):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Schedules: hub_formats.md 11 (diffusers 0.42.1), and diffusers itself
+# Schedules: docs/formats.md, "Schedulers" (diffusers 0.42.1), and diffusers itself
 
 
 @pytest.mark.parametrize("scheduler,seq_len,sd3,golden", [

@@ -1,7 +1,7 @@
 """SD3 / FLUX text conditioning against the reference implementations, in float32 on tiny random weights:
 CLIP (CLIP-L-like quick_gelu, bigG-like gelu) and T5 against transformers, their tokenizers against transformers'
-CLIPTokenizer / T5Tokenizer, the assembled conditioning against diffusers' pipelines, the LDM-named VAE against
-diffusers, and every single-file layout a user may hold (hub_formats.md 1.2, 4.2, 5)."""
+CLIPTokenizer / T5Tokenizer, the assembled conditioning against diffusers' pipelines, and every single-file layout
+a user may hold (docs/formats.md, "Layouts", "Text encoders")."""
 
 import pytest
 import torch
