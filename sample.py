@@ -354,12 +354,13 @@ def sampler_image_bytes(batch: int, pixels: int, dtype: torch.dtype, guided: boo
     """Full-size images alive at the peak of a sampling step (guided_velocity inside euler_sample).
 
     Guided, at the lerp: Euler's float32 x, its compute-dtype copy, the CFG batch (2) and the model's output (2),
-    the two output halves cast to float32 and the lerp's result. Unguided, at Euler's update: x, v and the new x
-    (the model's input and output copies are never alive together with all three). In float32 the casts are no-ops.
+    the two output halves cast to float32 and the lerp's result. Unguided, while the head writes its output: x, its
+    compute-dtype copy and the output (Euler's update then holds x, v and the new x, but by then the head's
+    activations, the larger part, are freed). In float32 the casts are no-ops.
     """
     rgb = batch * 3 * pixels
     if not guided:
-        return 3 * rgb * 4
+        return rgb * (4 + (BYTES[dtype] if dtype != torch.float32 else 0) + BYTES[dtype])
     cast = dtype != torch.float32
     float32_copies = 2 + (2 if cast else 0)
     compute_copies = 4 + (1 if cast else 0)

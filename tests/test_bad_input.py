@@ -231,6 +231,7 @@ def test_two_runs_on_one_folder(capsys, pipeline_dir, corpus, prompt_file, tmp_p
             refused(capsys, script, *args, names=f"--out {out}: in use by pid {os.getpid()}")
 
 
+@pytest.mark.slow
 def test_a_lock_from_a_killed_run_is_taken_over(pipeline_dir, corpus, tmp_path):
     """The kernel drops a killed process's lock; the lock file it leaves is no obstacle."""
     out = tmp_path / "run"
@@ -322,6 +323,7 @@ def test_hash_cache_sees_a_file_rewritten_with_its_old_size_and_mtime(tmp_path, 
 # As a user runs them: real processes
 
 
+@pytest.mark.slow
 def test_real_processes_print_one_error_line(pipeline_dir, tmp_path):
     for script, args, names in (("synth.py", ["--ckpt", pipeline_dir, "--guidance", "nan"], "--guidance"),
                                 ("train.py", ["--ckpt", pipeline_dir, "--data", tmp_path], f"--data {tmp_path}"),

@@ -35,6 +35,7 @@ def run_sample_cli(env_extra: dict, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_from_cache_offline(hf_cache, pipeline_dir, tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache)}
     common = ["--prompt", "a red circle", "--h", "32", "--w", "48", "--steps", "2", "--guidance", "2"]

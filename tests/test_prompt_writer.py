@@ -229,6 +229,7 @@ def corpus_files(out: Path) -> dict[str, str]:
     return {str(f.relative_to(out)): f.read_text() for f in files}
 
 
+@pytest.mark.slow
 def test_same_prompts_whatever_the_batch_and_world_size(chat_model, tmp_path):
     """The tiny model's sampled texts, kept by JsonWriter: 2 ranks under torchrun with 4 requests per batch, and 1
     process with 7, write the same files."""
@@ -369,6 +370,7 @@ def test_killed_run_resumes_to_the_same_files(tmp_path):
 # The command line
 
 
+@pytest.mark.slow
 def test_cli_writes_prompts_with_the_bundled_sources_text_encoder(tmp_path):
     """`python synth.py prompts` end to end with the real chat model (the toy's random one writes nothing valid),
     progress with rate and ETA on stderr; `python synth.py` without `prompts` is still the image synthesis."""

@@ -148,6 +148,7 @@ def test_standalone_export_equals_trained_checkpoint(pipeline_dir, corpus, tmp_p
 # training: DDP, resume
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_equal_one_rank_with_the_same_global_batch(pipeline_dir, corpus, tmp_path):
     """At the paper's learning rate; the weights move by far more than the tolerance, so the test can fail.
     In float32: bf16 rounding depends on the batch shape, so bf16 runs agree only to bf16 precision."""
@@ -210,6 +211,7 @@ def test_a_step_folder_loads_its_own_checkpoint(pipeline_dir, corpus, tmp_path):
         transfer.load_pixel_model(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_rerun_finishes(pipeline_dir, corpus, tmp_path):
     out = tmp_path / "run"
     proc = run_script("train.py", *train_args(pipeline_dir, corpus, out, "--steps", "500", "--save-every", "1000"),
@@ -231,6 +233,7 @@ def test_sigterm_saves_and_the_rerun_finishes(pipeline_dir, corpus, tmp_path):
 # synth
 
 
+@pytest.mark.slow
 def test_synth_under_torchrun_resumes_after_a_kill(pipeline_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"object number {i}", "category": "nature/objects"}) + "\n"
@@ -276,7 +279,6 @@ def test_synth_image_equals_the_latent_sampler(corpus, pipeline_dir):
 # end to end
 
 
-@pytest.mark.slow
 def test_end_to_end_synth_train_sample(pipeline_dir, corpus, tmp_path):
     result = train.train(train_args(pipeline_dir, corpus, tmp_path / "run", "--steps", "20", "--lr", "2e-3",
                                     "--save-every", "20"))

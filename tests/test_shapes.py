@@ -366,6 +366,7 @@ def test_real_corpus_has_synths_layout(tmp_path):
     assert shapes.shape_eval(specs, images)["overall"] == 1.0
 
 
+@pytest.mark.slow
 def test_build_source_saves_a_loadable_source_and_resumes_from_it(tmp_path):
     """The builder's whole path at a few steps: the folder loads like a hub model, and --resume trains the
     saved DiT further while the VAE, text encoder and tokenizer stay as they were."""
