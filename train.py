@@ -488,7 +488,7 @@ def check_resume(out: Path, args) -> Path | None:
     now = {k: str(v) for k, v in vars(args).items()}
     if recorded.get("global_batch") != now["global_batch"]:
         raise ValueError(f"--out {out} trains with a global batch of {recorded.get('global_batch')} images per step "
-                         f"({recorded.get('world_size')} GPUs x --batch-size {recorded.get('batch_size')}), and a "
+                         f"({recorded.get('world_size')} GPU(s) x --batch-size {recorded.get('batch_size')}), and a "
                          f"resume must keep it: GPUs x --batch-size must equal {recorded.get('global_batch')}, not "
                          f"{args.world_size} x {args.batch_size}; or use another --out to start anew")
     differ = [k for k in RUN_DEFINING if recorded.get(k) != now.get(k)]
@@ -649,9 +649,14 @@ def peak_bytes(parts: dict[str, int]) -> int:
     return held + max(parts["activations"] + parts["FSDP gathered blocks"], parts["optimizer step scratch"])
 
 
+def in_units(size: int) -> str:
+    return f"{size / 2**30:8.2f} GiB" if size >= 2**30 else f"{size / 2**20:8.2f} MiB"
+
+
 def dry_run(args) -> dict:
     """--dry-run: the memory plan per GPU from configs (and safetensors headers, for --init) alone, printed with the
-    verdict against the GPU's memory. Returns {"parts", "peak", "gpu_memory" (None when unknown), "fits"}."""
+    verdict against the GPU's memory. Returns {"parts", "peak", "gpu_memory" (None when unknown), "fits",
+    "caption_tokens"}."""
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     compute_dtype = torch.bfloat16 if args.dtype == "auto" else runtime.DTYPES[args.dtype]  # as on CUDA
     head = parse_head_widths(args.head_widths)
@@ -691,15 +696,16 @@ def dry_run(args) -> dict:
           f"checkpointing {'on' if args.grad_ckpt != 'off' else 'off'}; {args.freeze} plan: {trainable:,} of "
           f"{total:,} parameters trained", file=sys.stderr)
     for name, value in parts.items():
-        print(f"  {name:<24} {value / 2**30:8.2f} GiB{'  (transient)' if name in TRANSIENT else ''}", file=sys.stderr)
-    print(f"  {'peak':<24} {peak / 2**30:8.2f} GiB", file=sys.stderr)
+        print(f"  {name:<24} {in_units(value)}{'  (transient)' if name in TRANSIENT else ''}", file=sys.stderr)
+    print(f"  {'peak':<24} {in_units(peak)}", file=sys.stderr)
     if capacity is None:
         print("no GPU here: give --gpu-memory GiB to check the fit", file=sys.stderr)
     else:
         print(f"{'fits' if peak <= capacity else 'does not fit'}: about {peak / 2**30:.1f} of {capacity / 2**30:.1f} "
               "GiB per GPU" + ("" if peak <= capacity else "; try --parallel fsdp, more GPUs or --grad-ckpt on"),
               file=sys.stderr)
-    return {"parts": parts, "peak": peak, "gpu_memory": capacity, "fits": capacity is None or peak <= capacity}
+    return {"parts": parts, "peak": peak, "gpu_memory": capacity, "fits": capacity is None or peak <= capacity,
+            "caption_tokens": caption_tokens}
 
 
 # ----------------------------------------------------------------------------------------------------
