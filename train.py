@@ -564,17 +564,17 @@ def activation_bytes(model: PixelDiT, dtypes: dict[str, torch.dtype], height: in
     full-resolution maps, the bf16 copies autocast makes of float32 master weights (kept for the backward pass), and
     the gradients flowing back through the activations. The eager CPU kernels are what is simulated; CUDA's save the
     same tensors up to small extras (an attention kernel's random state)."""
-    backbone = model.cfg.backbone
+    backbone, fake = model.cfg.backbone, deepcopy(model)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        fake = deepcopy(model)
         for prefix, module in fake.named_modules():
             for name, p in list(module._parameters.items()):
                 if p is not None:
                     dtype = dtypes[f"{prefix}.{name}" if prefix else name]
                     module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), p.requires_grad)
-            for name, b in list(module._buffers.items()):
+            for name, b in list(module._buffers.items()):  # loaded in the compute dtype, as the source's weights
                 if b is not None:
-                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+                    dtype = compute_dtype if b.is_floating_point() else b.dtype
+                    module._buffers[name] = torch.empty(b.shape, dtype=dtype)
         x0, noise = (torch.empty(batch, 3, height, width) for _ in range(2))
         if model.cfg.family == "zimage":  # text features arrive in the compute dtype, as TextFeatures gives them
             captions = [torch.empty(caption_tokens, backbone.cap_feat_dim, dtype=compute_dtype)] * batch
@@ -624,8 +624,10 @@ def memory_plan(model: PixelDiT, full_precision: set[str], parallel: str, world:
     trained = [name for name, p in params.items() if p.requires_grad]
     stepped = [name for name in trained if name not in idle]  # the tensors that get gradients and AdamW state
     gradients = sum(held(name, torch.float32) for name in stepped)
+    # buffers (SD3's position table) are loaded in the compute dtype; FSDP does not shard them
+    buffers = sum(b.numel() * (compute_dtype if b.is_floating_point() else b.dtype).itemsize for b in model.buffers())
     return {
-        "frozen weights": sum(held(name, dtypes[name]) for name, p in params.items() if not p.requires_grad),
+        "frozen weights": sum(held(name, dtypes[name]) for name, p in params.items() if not p.requires_grad) + buffers,
         "trained weights": sum(held(name, torch.float32) for name in trained),  # float32 masters
         "gradients": gradients,  # float32, as the masters
         # DDP all-reduces through buckets that hold a second float32 copy of every gradient
@@ -683,7 +685,7 @@ def dry_run(args) -> dict:
     caption_tokens = hub.text_tokens(cfg.backbone)
     if caption_tokens is None:  # Z-Image: as long as the corpus's longest prompt, else the most it encodes
         caption_tokens = ZIMAGE_MAX_TOKENS
-        if corpus:
+        if corpus is not None:
             tokenizer = hub.load_tokenizer(hub.resolve(args.ckpt, ["tokenizer/*"]) / "tokenizer")
             caption_tokens = int(tokenizer([row["prompt"] for row in corpus.rows])[1].sum(1).max())
     parts = memory_plan(model, full_precision, args.parallel, world, height, width, args.batch_size, caption_tokens,
