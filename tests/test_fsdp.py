@@ -89,6 +89,29 @@ def test_fsdp_resumes_bit_exact_and_on_other_world_sizes(pipeline_dir, corpus, t
     assert [json.loads(line)["step"] for line in (resumed[3] / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
 
 
+@pytest.mark.slow
+def test_fsdp_high_resolution_stage_keeps_what_it_does_not_train(pipeline_dir, corpus, tmp_path):
+    """A 4x stage on 2 FSDP ranks from a native run: it trains a new 64-px embedder and keeps the 16-px one it never
+    uses (FSDP ignores it: no gradient, no AdamW state, unchanged, as under DDP), and the refiners the native stage
+    trained and this plan freezes stay float32, bit for bit, in its checkpoints."""
+    native = tmp_path / "native"
+    train.train(train_args(pipeline_dir, corpus, native, "--steps", "1"))
+    big = tmp_path / "data4x"
+    big.mkdir()
+    rows = [json.loads(line) for line in (corpus / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        Image.open(corpus / row["file"]).resize((384, 256), Image.NEAREST).save(big / row["file"])
+    (big / "metadata.jsonl").write_text("".join(json.dumps(r | {"height": 256, "width": 384}) + "\n" for r in rows))
+    stage = tmp_path / "4x"
+    ran(run_script("train.py", *train_args(pipeline_dir, big, stage, "--steps", "2", "--init", str(native), "--patch",
+                                           "64", "--head-tile", "128", "--freeze", "paper", "--dtype", "bf16",
+                                           "--parallel", "fsdp"), nproc=2))
+    before, after, state = checkpoint(native, 1), checkpoint(stage, 2), checkpoint(stage, 2, "state")
+    for name in ("backbone.all_x_embedder.16-1.weight", "backbone.noise_refiner.0.attention.to_q.weight"):
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], before[name]), name
+    assert not any(".16-1." in key for key in state) and any(".64-1." in key for key in state)
+
+
 def test_a_resume_keeps_the_global_batch(pipeline_dir, corpus, tmp_path):
     out = tmp_path / "run"
     train.train(train_args(pipeline_dir, corpus, out, "--steps", "1", "--batch-size", "2"))
