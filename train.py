@@ -410,9 +410,10 @@ def save_checkpoint(out: Path, step: int, model, plan, source: dict, optimizer, 
         transfer.save_trained(tmp / "model.safetensors", model, plan, source, tensors=trained | kept, step=step)
     del trained
     if ema is not None:
-        ema = gathered(ema, rank)
+        averages = gathered(ema, rank)
         if rank == 0:
-            transfer.save_trained(tmp / "ema.safetensors", model, plan, source, tensors=ema | kept, step=step)
+            transfer.save_trained(tmp / "ema.safetensors", model, plan, source, tensors=averages | kept, step=step)
+        del averages
     state = gathered({f"opt.{n}.{k}": v for n, p in params.items() if p in optimizer.state
                       for k, v in optimizer.state[p].items()}, rank)
     if rank != 0:
