@@ -2,6 +2,7 @@
 
     python bench.py dit      # our Z-Image DiT forward vs diffusers' on the same weights
     python bench.py train    # a training step under each freeze plan: time, gradients, optimizer state, peak memory
+    python bench.py fsdp     # one FSDP training step at Z-Image size on one GPU: measured memory vs train.py's plan
     python bench.py highres  # the paper's Figure 4: pixel model vs the latent pipeline of the same backbone
 
 Each comparison runs both sides in one process on the same weights and inputs, interleaved, and reports
@@ -15,15 +16,18 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 import hub
 import runtime
 import train
 import transfer
-from model import HeadConfig, ZImageConfig, ZImageDiT
+from model import HeadConfig, PixelDiT, ZImageConfig, ZImageDiT
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -120,6 +124,81 @@ def bench_train(args) -> list[dict]:
     for row in rows:
         row["trainable_share"] = row["trainable"] / row["total"]
         row["optimizer_vs_full"] = row["optimizer_mb"] / full["optimizer_mb"]
+    return rows
+
+
+def held_bytes(tensors) -> int:
+    """Bytes this rank holds of the tensors (an FSDP shard's local part)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def bench_fsdp(args) -> list[dict]:
+    """One training step of a Z-Image-shaped pixel model (random weights, the freeze plan, 16-px patches, gradient
+    checkpointing) under train.py's FSDP on one rank, as `--parallel fsdp` runs it: the bytes held per part and the
+    peak, measured against `train.py --dry-run`'s plan for the same model. The first step allocates the optimizer
+    state; the second is measured. On a GPU in bf16 with the CUDA allocator's peak (defaults: Z-Image-Turbo at
+    1024^2); on a CPU in float32, where the peak is the process's resident memory, interpreter included, so only the
+    held parts compare."""
+    cuda = torch.cuda.is_available()
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    head_dim = args.dim // args.heads
+    cfg = transfer.pixel_config(ZImageConfig(dim=args.dim, n_layers=args.layers, n_refiner_layers=args.refiners,
+                                             n_heads=args.heads, n_kv_heads=args.heads, cap_feat_dim=args.cap_dim,
+                                             axes_dims=(head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8)),
+                                HeadConfig.from_widths(tuple(int(w) for w in args.head_widths.split(","))))
+    freeze = transfer.make_plan(args.plan, args.blocks)
+    with torch.device("meta"):
+        planned = PixelDiT(cfg)
+    transfer.apply_freeze_plan(planned, freeze)
+    planned.set_gradient_checkpointing(True)
+    plan = train.memory_plan(planned, set(), "fsdp", 1, args.size, args.size, 1, args.caption_tokens, dtype,
+                             transfer.PIXEL_PATCH)
+
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    torch.manual_seed(0)  # random weights: the values do not change the memory
+    with torch.device(device):
+        model = PixelDiT(cfg)
+    transfer.apply_freeze_plan(model, freeze)
+    dtypes = train.parameter_dtypes(model, set(), dtype)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(dtypes[name])
+    model.set_gradient_checkpointing(True)
+    train.parallelize(model, "fsdp", 1, device, dtype, transfer.PIXEL_PATCH)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=train.PAPER_LR, weight_decay=train.PAPER_WEIGHT_DECAY)
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(1, 3, args.size, args.size, generator=g) * 2 - 1).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    captions = [torch.randn(args.caption_tokens, args.cap_dim, generator=g).to(device, dtype)]
+    sigma = torch.full((1,), 0.5, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    for step in range(2):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with autocast:
+            loss = train.flow_matching_loss(model, x0, noise, sigma, captions)
+        loss.backward()
+        gradients = held_bytes(p.grad for p in trained if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    measured = {"frozen weights": held_bytes(p for p in model.parameters() if not p.requires_grad),
+                "trained weights": held_bytes(trained), "gradients": gradients,
+                "optimizer state": held_bytes(t for s in optimizer.state.values() for t in s.values()),
+                "peak": runtime.peak_memory(device)}
+    dist.destroy_process_group()
+    plan["peak"] = train.peak_bytes(plan)
+    rows = [{"part": name, "plan GiB": plan[name] / 2**30,
+             "measured GiB": measured[name] / 2**30 if name in measured else "",
+             "measured / plan": measured[name] / plan[name] if name in measured and plan[name] else ""}
+            for name in plan]
+    rows.append({"part": f"step seconds ({device.type}, {str(dtype)[6:]})", "plan GiB": "", "measured GiB": seconds,
+                 "measured / plan": ""})
     return rows
 
 
@@ -237,6 +316,17 @@ def main(argv=None):
     tr.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
     tr.add_argument("--plan", default="released", help=argparse.SUPPRESS)
     tr.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    fs = sub.add_parser("fsdp", help="one FSDP training step at Z-Image size on one GPU: measured memory vs the plan")
+    fs.add_argument("--dim", type=int, default=3840, help="backbone width (Z-Image-Turbo: 3840)")
+    fs.add_argument("--heads", type=int, default=30)
+    fs.add_argument("--layers", type=int, default=30, help="main blocks")
+    fs.add_argument("--refiners", type=int, default=2, help="noise and context refiner blocks, each")
+    fs.add_argument("--cap-dim", type=int, default=2560, help="caption feature width (Qwen3-4B: 2560)")
+    fs.add_argument("--caption-tokens", type=int, default=128)
+    fs.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    fs.add_argument("--head-widths", default="64,128,256,512")
+    fs.add_argument("--plan", default="released", help="freeze plan: released, paper or full")
+    fs.add_argument("--blocks", type=int, default=5, help="main blocks trained at each end")
     hr = sub.add_parser("highres", help="Figure 4: pixel model per-step latency / peak memory vs the latent pipeline")
     hr.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="nominal output sides")
     hr.add_argument("--scale", type=int, default=8, help="divide the sides by this (1 on a GPU: full size)")
@@ -257,7 +347,7 @@ def main(argv=None):
     if args.what in ("train", "highres") and args.child:
         print(json.dumps(train_step_child(args) if args.what == "train" else highres_child(args)))
         return None
-    result = {"dit": bench_dit, "train": bench_train, "highres": bench_highres}[args.what](args)
+    result = {"dit": bench_dit, "train": bench_train, "fsdp": bench_fsdp, "highres": bench_highres}[args.what](args)
     rows = result if isinstance(result, list) else [result]
     print_table(rows)
     if args.json:

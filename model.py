@@ -364,9 +364,12 @@ class ZImageDiT(nn.Module):
         x = torch.cat([tokens, self.x_pad_token.to(tokens.dtype).expand(B, n_image_padded - n_image, dim)], dim=1)
 
         # Captions: embed, pad each to a multiple of 32 with the pad token, then batch-pad to the longest.
+        # Lengths are decided on the host from Python ints: no device sync, and train.py's memory plan can run this
+        # on fake tensors (whose values are unknown).
         cap_lens = [len(cap) for cap in captions]
-        cap_padded_lens = torch.tensor([round_up(n, ZIMAGE_SEQ_MULTIPLE) for n in cap_lens], device=device)
-        n_cap = int(cap_padded_lens.max())
+        padded_lens = [round_up(n, ZIMAGE_SEQ_MULTIPLE) for n in cap_lens]
+        cap_padded_lens = torch.tensor(padded_lens, device=device)
+        n_cap, batch_padded = max(padded_lens), min(padded_lens) < max(padded_lens)
         embedded = self.cap_embedder(torch.cat(captions).to(tokens.dtype)).split(cap_lens)
         cap = torch.zeros(B, n_cap, dim, dtype=tokens.dtype, device=device)
         for i, e in enumerate(embedded):
@@ -389,14 +392,14 @@ class ZImageDiT(nn.Module):
         ckpt = self.gradient_checkpointing
         for block in self.noise_refiner:
             x = run_block(block, ckpt, x, img_rope, None, c)
-        cap_mask = key_padding_mask(cap_padded_lens, n_cap)
+        cap_mask = key_padding_mask(cap_padded_lens, n_cap) if batch_padded else None
         for block in self.context_refiner:
             cap = run_block(block, ckpt, cap, cap_rope, cap_mask)
 
         # One stream: [image | caption]; batch padding sits at the end, so masking it is a length mask.
         h = torch.cat([x, cap], dim=1)
         rope = torch.cat([img_rope, cap_rope], dim=1)
-        mask = key_padding_mask(n_image_padded + cap_padded_lens, h.shape[1])
+        mask = key_padding_mask(n_image_padded + cap_padded_lens, h.shape[1]) if batch_padded else None
         for block in self.layers:
             h = run_block(block, ckpt, h, rope, mask, c)
         return h[:, :n_image]

@@ -15,6 +15,16 @@ where it stopped. A checkpoint folder `step-NNNNNN/` holds the trained tensors (
 ema.safetensors) and the optimizer state, step and RNG states (state.safetensors); `latest` names the newest.
 Rerunning the same command resumes. SIGINT / SIGTERM save a checkpoint at the end of the current step, then
 the script exits with status 128 + the signal's number, so `train.py && sample.py` does not go on.
+
+Parallelism (--parallel): ddp replicates everything on every GPU; fsdp (PyTorch's FSDP2) shards it, each transformer
+block its own unit: trained tensors keep float32 master weights, sharded with their gradients and AdamW moments,
+frozen tensors are sharded in the compute dtype, and a block is gathered in the compute dtype only while it runs
+(gradients are reduced in float32). Checkpoints are the same files either way, gathered whole on rank 0, so a run
+saved on N GPUs resumes on M as long as the global batch (GPUs x --batch-size) stays: the data order, every draw
+and the optimizer state continue where they stopped.
+
+    torchrun --nproc_per_node 8 train.py --ckpt Tongyi-MAI/Z-Image-Turbo --parallel fsdp
+    python train.py --ckpt Tongyi-MAI/Z-Image-Turbo --parallel fsdp --world-size 8 --dry-run   # memory per GPU
 """
 
 import argparse
@@ -27,7 +37,10 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 from contextlib import ExitStack, nullcontext
+from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,20 +48,28 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import hub
 import runtime
 import transfer
-from model import HEAD_WIDTHS, TIMESTEP_RULES, TRAIN_TIMESTEPS, HeadConfig, shift_sigmas
+from model import HEAD_WIDTHS, TIMESTEP_RULES, TRAIN_TIMESTEPS, HeadConfig, PixelDiT, shift_sigmas
 from runtime import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
-from tokenizer import conditioning_from_parts, conditioning_parts
+from tokenizer import ZIMAGE_MAX_TOKENS, PooledText, conditioning_from_parts, conditioning_parts
 
 TRAIN_GRID = 500  # the released loss calls set_timesteps(500) and draws one index uniformly
 TRAIN_SHIFT = 3.0
 PAPER_LR, PAPER_WEIGHT_DECAY = 5e-5, 0.01  # paper Table 3, AdamW
-# Arguments that define a run: a resume must repeat them (the rest, like --steps, may change).
-RUN_DEFINING = ("ckpt", "data", "batch_size", "world_size", "lr", "weight_decay", "warmup", "cooldown", "clip", "ema",
+# Arguments that define a run: a resume must repeat them (the rest, like --steps, may change). The global batch
+# (GPUs x --batch-size) is one of them, the world size and the batch per GPU each are not: they may trade.
+RUN_DEFINING = ("ckpt", "data", "global_batch", "lr", "weight_decay", "warmup", "cooldown", "clip", "ema",
                 "freeze", "blocks", "head_widths", "init", "output", "patch", "patch_init", "seed", "fresh_noise",
                 "train_shift", "timesteps", "max_pixels")
 PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "cooldown": 0, "freeze": "released",
@@ -282,28 +303,126 @@ class TextFeatures:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Parallelism: DDP replicates the model on every rank, FSDP shards it
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def transformer_blocks(model: PixelDiT) -> list[torch.nn.Module]:
+    """The backbone's transformer blocks, every list of them: Z-Image's refiners and main layers, SD3's joint blocks,
+    FLUX's double- and single-stream blocks. A freeze plan trains or freezes whole blocks, so each is all one or the
+    other."""
+    return [block for child in model.backbone.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def idle_parameters(model: PixelDiT, patch: int) -> set[str]:
+    """Trained tensors no step reaches: the patch embedders (and linear outputs) of the model's other patch sizes,
+    e.g. the 16-px embedder a 4K stage keeps while it trains at patch 64. They get no gradient, so AdamW leaves them
+    as they are."""
+    layers = tuple(f"backbone.{name}." for name in ("all_x_embedder", "all_final_layer"))
+    return {name for name, _ in model.named_parameters()
+            if name.startswith(layers) and not name.startswith(tuple(f"{layer}{patch}-1." for layer in layers))}
+
+
+def parallelize(model: PixelDiT, parallel: str, world: int, device: torch.device, compute_dtype: torch.dtype,
+                patch: int) -> torch.nn.Module:
+    """The module the training step calls. ddp: the model itself on one rank, else wrapped in
+    DistributedDataParallel (every rank holds everything; gradients are all-reduced). fsdp: the model sharded in
+    place with FSDP2, one unit per transformer block and a root unit for the rest (embedders, pad tokens, the Detailer
+    Head): every rank keeps 1/world of each tensor, and of each gradient and AdamW moment, in the tensor's own dtype
+    (float32 masters for trained tensors, the compute dtype for frozen ones); a unit is all-gathered in the compute
+    dtype just before it runs and freed after, and its gradients are reduce-scattered in float32. A block is wholly
+    frozen or wholly trained, so frozen blocks cost no gradient or optimizer memory at all. (FSDP2 lets a unit mix
+    frozen and trained tensors, as the root does, as long as its trained ones share one dtype: here float32.)"""
+    if parallel == "ddp":
+        # some trained tensors sit out every step (idle_parameters): DDP must not wait for their gradients
+        return DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    mesh = init_device_mesh(device.type, (world,))
+    # Inputs keep their dtype (cast_forward_inputs=False): sigma stays float32, so the timestep is exact, as under DDP
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for p in model.parameters():
+        p.data = p.data.contiguous()  # FSDP shards contiguous tensors only (the head keeps channels-last weights)
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    idle = idle_parameters(model, patch)
+    fully_shard(model, mesh=mesh, mp_policy=policy,
+                ignored_params={p for name, p in model.named_parameters() if name in idle})
+    # a trained tensor one rank's step does not reach still joins the reduce-scatter, with a zero gradient (as DDP's
+    # find_unused_parameters does), so the ranks' collectives always match
+    model.set_reduce_scatter_unused_params(True)
+    return model
+
+
+def gathered(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of `tensors` on rank 0 (an empty dict on the others). An FSDP shard (a DTensor) is
+    all-gathered, one tensor at a time, so every rank must call this; a rank never holds more than one whole tensor
+    on its GPU, and rank 0 collects the copies in host memory."""
+    whole = {}
+    with torch.no_grad():
+        for name, t in tensors.items():
+            t = t.full_tensor() if isinstance(t, DTensor) else t
+            if rank == 0:
+                whole[name] = t.detach().cpu()
+    return whole
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out as `like`: this rank's shard of it when `like` is an FSDP shard (each rank slices
+    its own part, no communication), else the tensor itself on like's device. This is where a checkpoint written at
+    one world size is resharded for another."""
+    if isinstance(like, DTensor):
+        whole = whole.to(like.device, like.dtype)
+        return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+    return whole.to(like.device)
+
+
+def each_tensor(path: Path):
+    """(name, tensor) of a safetensors file, read one at a time onto the CPU: every rank reads the checkpoint and
+    keeps only its share of each tensor, so no rank ever holds the whole optimizer state."""
+    for f, handle in hub.open_safetensors(path):
+        for key in handle.keys():
+            try:
+                tensor = handle.get_tensor(key)
+            except (SafetensorError, OSError) as e:
+                raise hub.CheckpointError(f"{f}: could not read tensors, truncated or corrupt ({e})") from None
+            yield key, tensor
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def save_checkpoint(out: Path, step: int, model, plan, source: dict, optimizer, ema: dict | None, args, keep=()) -> Path:
+def save_checkpoint(out: Path, step: int, model, plan, source: dict, optimizer, ema: dict | None, args, keep=(),
+                    rank: int = 0) -> Path:
     """step-NNNNNN/ with model, EMA and state files, written into a fresh temporary folder then renamed, so a
-    published step folder is always complete; then `latest`, then old step folders pruned (--keep)."""
+    published step folder is always complete; then `latest`, then old step folders pruned (--keep). Every rank
+    calls it: FSDP shards are gathered whole (one file's tensors at a time), and rank 0 alone writes."""
     name = f"step-{step:06d}"
-    tmp = out / f".{name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    transfer.save_trained(tmp / "model.safetensors", model, plan, source, keep=keep, step=step)
+    final, tmp = out / name, out / f".{name}.{os.getpid()}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    # every rank gathers the same tensors in the same order: the model's (never a set's, whose order is per process)
+    params = dict(model.named_parameters())
+    kept = gathered({n: p for n, p in params.items() if n in keep and not p.requires_grad}, rank)
+    trained = gathered({n: params[n] for n in transfer.trained_names(model)}, rank)
+    if rank == 0:
+        transfer.save_trained(tmp / "model.safetensors", model, plan, source, tensors=trained | kept, step=step)
+    del trained
     if ema is not None:
-        transfer.save_trained(tmp / "ema.safetensors", model, plan, source, tensors=ema, keep=keep, step=step)
-    names = {id(p): n for n, p in model.named_parameters()}
-    state = {"rng.cpu": torch.get_rng_state()}
+        averages = gathered(ema, rank)
+        if rank == 0:
+            transfer.save_trained(tmp / "ema.safetensors", model, plan, source, tensors=averages | kept, step=step)
+        del averages
+    state = gathered({f"opt.{n}.{k}": v for n, p in params.items() if p in optimizer.state
+                      for k, v in optimizer.state[p].items()}, rank)
+    if rank != 0:
+        return final
+    state |= {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    for p, s in optimizer.state.items():
-        state |= {f"opt.{names[id(p)]}.{k}": v for k, v in s.items()}
     transfer.atomic_save(state, tmp / "state.safetensors", {"format": transfer.CHECKPOINT_FORMAT, "kind": "state",
                                                             "step": step, "data_position": step * args.global_batch})
-    final = out / name
     if final.exists():  # a checkpoint of this step from an interrupted earlier save
         shutil.rmtree(final)
     tmp.rename(final)
@@ -314,8 +433,9 @@ def save_checkpoint(out: Path, step: int, model, plan, source: dict, optimizer, 
     return final
 
 
-def load_checkpoint(folder: Path, model, optimizer, ema: dict | None, source: dict, device) -> int:
-    """Restore trained tensors, EMA, optimizer state and RNG states; returns the step to continue from."""
+def load_checkpoint(folder: Path, model, optimizer, ema: dict | None, source: dict) -> int:
+    """Restore trained tensors, EMA, optimizer state and RNG states; returns the step to continue from. Every rank
+    reads the whole files and keeps its own share (shard_like), so any world size resumes any checkpoint."""
     files = ["model.safetensors", "state.safetensors"] + (["ema.safetensors"] if ema is not None else [])
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
@@ -329,24 +449,25 @@ def load_checkpoint(folder: Path, model, optimizer, ema: dict | None, source: di
                                   f"but --ckpt {source['id']} has {source['transformer_sha256'][:12]}…")
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, t in hub.read_tensors(folder / "model.safetensors", device).items():
-            params[name].copy_(t)
+        for name, t in each_tensor(folder / "model.safetensors"):
+            params[name].copy_(shard_like(t, params[name]))
         if ema is not None:
-            for name, t in hub.read_tensors(folder / "ema.safetensors", device).items():
-                ema[name].copy_(t)
-    state = hub.read_tensors(folder / "state.safetensors")
-    torch.set_rng_state(state["rng.cpu"])
-    if torch.cuda.is_available() and "rng.cuda.0" in state:
-        torch.cuda.set_rng_state_all([state[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
-    per_param = {}
-    for key, t in state.items():
+            for name, t in each_tensor(folder / "ema.safetensors"):
+                ema[name].copy_(shard_like(t, ema[name]))
+    per_param, rng = {}, {}
+    for key, t in each_tensor(folder / "state.safetensors"):
         if key.startswith("opt."):
             name, field = key[4:].rsplit(".", 1)
-            per_param.setdefault(name, {})[field] = t
+            per_param.setdefault(name, {})[field] = t if field == "step" else shard_like(t, params[name])
+        else:
+            rng[key] = t
+    torch.set_rng_state(rng["rng.cpu"])
+    for i in range(torch.cuda.device_count()):  # the devices both machines have (a run on 8 GPUs may resume on 4)
+        if f"rng.cuda.{i}" in rng:
+            torch.cuda.set_rng_state(rng[f"rng.cuda.{i}"], i)
     index = {n: i for i, (n, p) in enumerate((n, p) for n, p in model.named_parameters() if p.requires_grad)}
     saved = optimizer.state_dict()
-    saved["state"] = {index[n]: {k: v.to(device) if k != "step" else v for k, v in s.items()}
-                      for n, s in per_param.items()}
+    saved["state"] = {index[n]: s for n, s in per_param.items()}
     optimizer.load_state_dict(saved)
     return meta["step"]
 
@@ -366,6 +487,11 @@ def check_resume(out: Path, args) -> Path | None:
         raise ValueError(f"--out {out}: has checkpoints but no readable args.json, so the run it resumes cannot be "
                          "checked; use another --out to start anew") from None
     now = {k: str(v) for k, v in vars(args).items()}
+    if recorded.get("global_batch") != now["global_batch"]:
+        raise ValueError(f"--out {out} trains with a global batch of {recorded.get('global_batch')} images per step "
+                         f"({recorded.get('world_size')} GPU(s) x --batch-size {recorded.get('batch_size')}), and a "
+                         f"resume must keep it: GPUs x --batch-size must equal {recorded.get('global_batch')}, not "
+                         f"{args.world_size} x {args.batch_size}; or use another --out to start anew")
     differ = [k for k in RUN_DEFINING if recorded.get(k) != now.get(k)]
     if differ:
         raise ValueError(f"--out {out} is a run with other {', '.join(differ)}: use another --out to start anew")
@@ -379,6 +505,210 @@ def forget_logged_steps_after(log: Path, step: int) -> None:
         kept = [line for line in rows if json.loads(line)["step"] <= step]
         if len(kept) < len(rows):
             runtime.write_text_atomic(log, "".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: what one GPU holds while training, planned from configs alone (--dry-run)
+
+TRANSIENT = ("activations", "FSDP gathered blocks", "optimizer step scratch")  # the rest is held all through a step
+
+
+class LiveTensors(TorchDispatchMode):
+    """Records each tensor storage the ops run inside it allocate, and when it is freed, so `peak` is the most bytes
+    alive at once. A view shares its input's storage and adds nothing; tensors made before (parameters, the batch)
+    are not counted. Works on real and on fake tensors alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive: dict[int, tuple[int, int]] = {}  # storage address -> (allocation number, bytes)
+        self.events: list[tuple[int, int]] = []  # (allocation number, +bytes when allocated or -bytes when freed)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                address = storage._cdata
+                if storage.nbytes() and address not in inputs and address not in self.alive:
+                    self.alive[address] = (len(self.events), storage.nbytes())
+                    self.events.append(self.alive[address])
+                    weakref.finalize(storage, self.freed, address)
+        return out
+
+    def freed(self, address: int) -> None:
+        number, size = self.alive.pop(address)
+        self.events.append((number, -size))
+
+    def allocation(self, t: torch.Tensor) -> int | None:
+        """The allocation number of a live tensor's storage (None if it was not allocated in here)."""
+        entry = self.alive.get(t.untyped_storage()._cdata)
+        return entry[0] if entry else None
+
+    def peak(self, excluding: set = frozenset()) -> int:
+        """The most bytes alive at once, leaving out the given allocations (e.g. the parameters' gradients)."""
+        live = peak = 0
+        for number, size in self.events:
+            if number not in excluding:
+                live += size
+                peak = max(peak, live)
+        return peak
+
+
+def activation_bytes(model: PixelDiT, dtypes: dict[str, torch.dtype], height: int, width: int, batch: int,
+                     caption_tokens: int, compute_dtype: torch.dtype, patch: int) -> int:
+    """Peak bytes of a training step besides the parameters and their gradients, measured on a simulated step: a
+    copy of `model` (meta) made of fake tensors (FakeTensorMode: shapes and dtypes, no memory, no arithmetic) runs
+    the step's forward and backward at the real sizes, under the run's autocast and gradient checkpointing, while
+    LiveTensors records what is alive. That is: what autograd keeps for the backward pass (without checkpointing,
+    every op's saved inputs; with it, each block's inputs and the one block being recomputed), the Detailer Head's
+    full-resolution maps, the bf16 copies autocast makes of float32 master weights (kept for the backward pass), and
+    the gradients flowing back through the activations. The eager CPU kernels are what is simulated; CUDA's save the
+    same tensors up to small extras (an attention kernel's random state)."""
+    backbone, fake = model.cfg.backbone, deepcopy(model)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for prefix, module in fake.named_modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    dtype = dtypes[f"{prefix}.{name}" if prefix else name]
+                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), p.requires_grad)
+            for name, b in list(module._buffers.items()):  # loaded in the compute dtype, as the source's weights
+                if b is not None:
+                    dtype = compute_dtype if b.is_floating_point() else b.dtype
+                    module._buffers[name] = torch.empty(b.shape, dtype=dtype)
+        x0, noise = (torch.empty(batch, 3, height, width) for _ in range(2))
+        if model.cfg.family == "zimage":  # text features arrive in the compute dtype, as TextFeatures gives them
+            captions = [torch.empty(caption_tokens, backbone.cap_feat_dim, dtype=compute_dtype)] * batch
+        else:
+            captions = PooledText(torch.empty(batch, caption_tokens, backbone.joint_attention_dim, dtype=compute_dtype),
+                                  torch.empty(batch, backbone.pooled_projection_dim, dtype=compute_dtype))
+        guidance = torch.ones(batch) if getattr(backbone, "guidance_embeds", False) else None
+        autocast = torch.autocast("cpu", dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
+        with LiveTensors() as live:
+            with autocast:
+                loss = flow_matching_loss(fake, x0, noise, torch.full((batch,), 0.5), captions, patch, guidance)
+            loss.backward()
+            gradients = {live.allocation(p.grad) for p in fake.parameters() if p.grad is not None}
+    return live.peak(excluding=gradients)
+
+
+def gathered_block_bytes(model: PixelDiT, idle: set[str], compute_dtype: torch.dtype) -> int:
+    """FSDP's transient memory: the root unit stays gathered through forward and backward, a block is gathered
+    while it runs and the next is prefetched, and gradients exist whole (in the compute dtype, then float32 for the
+    reduction) from a unit's backward until they are reduce-scattered: the root's, and one trained block's."""
+    size, blocks = compute_dtype.itemsize, transformer_blocks(model)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    root = [p for name, p in model.named_parameters() if id(p) not in in_blocks and name not in idle]
+    sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
+    trained = [n for block, n in zip(blocks, sizes) if any(p.requires_grad for p in block.parameters())]
+    root_gradients = sum(p.numel() for p in root if p.requires_grad) * (size + 4)
+    block_gradients = max(trained, default=0) * (size + 4)
+    return sum(p.numel() for p in root) * size + root_gradients + 2 * max(sizes) * size + block_gradients
+
+
+def memory_plan(model: PixelDiT, full_precision: set[str], parallel: str, world: int, height: int, width: int,
+                batch: int, caption_tokens: int, compute_dtype: torch.dtype, patch: int) -> dict[str, int]:
+    """Bytes one GPU holds for each part of a training step (under FSDP rank 0's shares, the largest). `model`: the
+    pixel model on the meta device with its freeze plan, head tile and gradient checkpointing set as build_model
+    leaves them. Weights, gradients and optimizer state are counted exactly; activations by activation_bytes."""
+    fsdp, params = parallel == "fsdp", dict(model.named_parameters())
+    dtypes = parameter_dtypes(model, full_precision, compute_dtype)
+    idle = idle_parameters(model, patch)
+
+    def held(name: str, dtype: torch.dtype) -> int:
+        """A tensor's bytes, or under FSDP rank 0's shard: dim 0 split as torch.chunk does, rank 0's the largest."""
+        p = params[name]
+        rows = p.shape[0] if p.dim() else 1
+        share = -(-rows // world) if fsdp and name not in idle else rows
+        return p.numel() // rows * share * dtype.itemsize
+
+    trained = [name for name, p in params.items() if p.requires_grad]
+    stepped = [name for name in trained if name not in idle]  # the tensors that get gradients and AdamW state
+    gradients = sum(held(name, torch.float32) for name in stepped)
+    # buffers (SD3's position table) are loaded in the compute dtype; FSDP does not shard them
+    buffers = sum(b.numel() * (compute_dtype if b.is_floating_point() else b.dtype).itemsize for b in model.buffers())
+    return {
+        "frozen weights": sum(held(name, dtypes[name]) for name, p in params.items() if not p.requires_grad) + buffers,
+        "trained weights": sum(held(name, torch.float32) for name in trained),  # float32 masters
+        "gradients": gradients,  # float32, as the masters
+        # DDP all-reduces through buckets that hold a second float32 copy of every gradient
+        "DDP gradient buckets": sum(params[n].numel() * 4 for n in trained) if parallel == "ddp" and world > 1 else 0,
+        # AdamW: exp_avg and exp_avg_sq in float32, and a float32 step count per tensor
+        "optimizer state": sum(2 * held(name, torch.float32) + 4 for name in stepped),
+        "FSDP gathered blocks": gathered_block_bytes(model, idle, compute_dtype) if fsdp else 0,
+        # under FSDP the blocks compute with weights in the compute dtype: no float32 masters, no autocast copies
+        "activations": activation_bytes(model, {n: compute_dtype for n in params} if fsdp else dtypes, height, width,
+                                        batch, caption_tokens, compute_dtype, patch),
+        # the foreach AdamW step computes sqrt(exp_avg_sq) for every tensor at once: a float32 copy of the gradients
+        "optimizer step scratch": gradients,
+    }
+
+
+def peak_bytes(parts: dict[str, int]) -> int:
+    """What is held all through a step, plus the larger transient: the forward and backward passes' (activations,
+    FSDP's gathered blocks) or the optimizer step's. An upper bound: gradients are counted whole through the backward
+    pass, in which they grow from nothing."""
+    held = sum(v for name, v in parts.items() if name not in TRANSIENT)
+    return held + max(parts["activations"] + parts["FSDP gathered blocks"], parts["optimizer step scratch"])
+
+
+def in_units(size: int) -> str:
+    return f"{size / 2**30:8.2f} GiB" if size >= 2**30 else f"{size / 2**20:8.2f} MiB"
+
+
+def dry_run(args) -> dict:
+    """--dry-run: the memory plan per GPU from configs (and safetensors headers, for --init) alone, printed with the
+    verdict against the GPU's memory. Returns {"parts", "peak", "gpu_memory" (None when unknown), "fits",
+    "caption_tokens"}."""
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    compute_dtype = torch.bfloat16 if args.dtype == "auto" else runtime.DTYPES[args.dtype]  # as on CUDA
+    head = parse_head_widths(args.head_widths)
+    full_precision = set()
+    if args.init in ("transfer", "scratch"):
+        source = hub.transformer_config(hub.resolve(args.ckpt, ["transformer/config.json"]) / "transformer")
+        cfg = transfer.pixel_config(source, head, output=args.output, timestep_rule=args.timesteps or "exact")
+    else:
+        cfg, init_file = transfer.peek_config(args.init), transfer.checkpoint_file(args.init, ema=False)
+        if transfer.read_metadata(init_file).get("kind") == "trained":  # as build_model keeps them: float32
+            full_precision = transfer.tensor_names(init_file)
+    with torch.device("meta"):
+        model = PixelDiT(replace(cfg, patches=tuple(sorted(set(cfg.patches) | {args.patch}))))
+    trainable, total = transfer.apply_freeze_plan(model, transfer.make_plan(args.freeze, args.blocks))
+    model.head_tile = args.head_tile
+    model.set_gradient_checkpointing(args.grad_ckpt != "off")
+    corpus = None
+    if args.h is None and args.w is None and args.data.exists():
+        corpus = Corpus(args.data, args.patch, args.max_pixels, need_seeds=not args.fresh_noise)
+        height, width = max(corpus.sizes, key=lambda size: size[0] * size[1])
+    else:
+        height, width = args.h or args.w or hub.DEFAULT_SIZE, args.w or args.h or hub.DEFAULT_SIZE
+    runtime.check_size(height, width, max(args.patch, head.cell), "the patch and the Detailer Head's cell")
+    caption_tokens = hub.text_tokens(cfg.backbone)
+    if caption_tokens is None:  # Z-Image: as long as the corpus's longest prompt, else the most it encodes
+        caption_tokens = ZIMAGE_MAX_TOKENS
+        if corpus is not None:
+            tokenizer = hub.load_tokenizer(hub.resolve(args.ckpt, ["tokenizer/*"]) / "tokenizer")
+            caption_tokens = int(tokenizer([row["prompt"] for row in corpus.rows])[1].sum(1).max())
+    parts = memory_plan(model, full_precision, args.parallel, world, height, width, args.batch_size, caption_tokens,
+                        compute_dtype, args.patch)
+    peak = peak_bytes(parts)
+    capacity = int(args.gpu_memory * 2**30) if args.gpu_memory else \
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    print(f"memory per GPU: {args.parallel} on {world} GPU(s), {height}x{width}, batch {args.batch_size} per GPU "
+          f"(global {world * args.batch_size}), {caption_tokens} caption tokens, {str(compute_dtype)[6:]}, gradient "
+          f"checkpointing {'on' if args.grad_ckpt != 'off' else 'off'}; {args.freeze} plan: {trainable:,} of "
+          f"{total:,} parameters trained", file=sys.stderr)
+    for name, value in parts.items():
+        print(f"  {name:<24} {in_units(value)}{'  (transient)' if name in TRANSIENT else ''}", file=sys.stderr)
+    print(f"  {'peak':<24} {in_units(peak)}", file=sys.stderr)
+    if capacity is None:
+        print("no GPU here: give --gpu-memory GiB to check the fit", file=sys.stderr)
+    else:
+        print(f"{'fits' if peak <= capacity else 'does not fit'}: about {peak / 2**30:.1f} of {capacity / 2**30:.1f} "
+              "GiB per GPU" + ("" if peak <= capacity else "; try --parallel fsdp, more GPUs or --grad-ckpt on"),
+              file=sys.stderr)
+    return {"parts": parts, "peak": peak, "gpu_memory": capacity, "fits": capacity is None or peak <= capacity,
+            "caption_tokens": caption_tokens}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,7 +730,9 @@ def parse_args(argv=None):
                    help="run folder: checkpoints, logs; resumed if present")
     p.add_argument("--steps", type=positive_int, help="total optimizer steps (default: recipe card, else 10000)")
     p.add_argument("--batch-size", type=positive_int,
-                   help="images per rank per step (default: card, else 1 as the paper x 8 GPUs)")
+                   help="images per rank per step (default: card, else 1 as the paper x 8 GPUs). GPUs x --batch-size "
+                        "is the global batch, which a resume keeps: a run may resume on other GPUs with the batch per "
+                        "GPU changed to match (8 x 1 -> 4 x 2)")
     p.add_argument("--lr", type=positive_float, help=f"AdamW learning rate (default: card, else the paper's {PAPER_LR})")
     p.add_argument("--weight-decay", type=non_negative_float, default=PAPER_WEIGHT_DECAY,
                    help="AdamW weight decay (paper: 0.01)")
@@ -446,6 +778,23 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=runtime.DTYPE_CHOICES,
                    help="compute dtype: auto (bf16 autocast on CUDA and on CPUs that compute bf16 natively, AMX or "
                         "AVX512-BF16; fp32 on other CPUs), bf16, fp16, fp32")
+    p.add_argument("--parallel", default="ddp", choices=PARALLEL,
+                   help="how ranks under torchrun share the model. ddp (default; one GPU runs the plain model): every "
+                        "GPU holds all of it: frozen weights, trained fp32 master weights, their gradients and AdamW "
+                        "moments. fsdp (FSDP2, PyTorch's ZeRO-3): each GPU holds 1/N of every tensor, gradient and "
+                        "moment, and gathers one transformer block at a time in the compute dtype; checkpoints are the "
+                        "same either way, so a resume may switch")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory one GPU needs (weights, gradients, optimizer state, activations, peak) for "
+                        "these flags and whether it fits, from configs alone (no weights read), then exit. Planned for "
+                        "CUDA: --dtype auto means bf16, --grad-ckpt auto means on")
+    p.add_argument("--world-size", type=positive_int,
+                   help="--dry-run: the number of GPUs to plan for (default: WORLD_SIZE as torchrun sets it, else 1)")
+    p.add_argument("--h", type=positive_int, help="--dry-run: image height (default: the corpus's largest size if "
+                                                  "--data exists, else 1024)")
+    p.add_argument("--w", type=positive_int, help="--dry-run: image width (default: as --h)")
+    p.add_argument("--gpu-memory", type=positive_float,
+                   help="--dry-run: GiB per GPU to check the plan against (default: this machine's first GPU)")
     return p.parse_args(argv)
 
 
@@ -464,6 +813,12 @@ def train(argv=None) -> dict:
     the run early, or None}."""
     args = parse_args(argv)
     runtime.fill_unset(args, hub.recipe_defaults(hub.recipe_card(args.ckpt), "train", PAPER_DEFAULTS))
+    if args.dry_run:
+        return dry_run(args)
+    planning = [flag for flag in ("world_size", "h", "w", "gpu_memory") if getattr(args, flag) is not None]
+    if planning:
+        raise ValueError(f"--{planning[0].replace('_', '-')} plans a --dry-run: a training run takes its GPUs from "
+                         "torchrun and its image sizes from the corpus")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.world_size, args.global_batch = world, world * args.batch_size
     plan = transfer.make_plan(args.freeze, args.blocks)
@@ -482,8 +837,9 @@ def train(argv=None) -> dict:
         if rank == 0:
             stack.enter_context(runtime.folder_lock(out))
         resume_from = check_resume(out, args)
-        if world > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if world > 1 or args.parallel == "fsdp":  # FSDP shards over a process group, even one of a single rank
+            alone = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
             stack.callback(dist.destroy_process_group)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -518,10 +874,18 @@ def build_model(args, plan, head, source, device, compute_dtype, verbose: bool):
         transfer.apply_freeze_plan(model, plan)
     model = transfer.add_patch_sizes(model, (args.patch,), args.patch_init)
     model.head_tile = args.head_tile
+    dtypes = parameter_dtypes(model, full_precision, compute_dtype)
     for name, p in model.named_parameters():
-        p.data = p.data.to(device, torch.float32 if p.requires_grad or name in full_precision else compute_dtype)
+        p.data = p.data.to(device, dtypes[name])
     model.set_gradient_checkpointing(args.grad_ckpt == "on" or (args.grad_ckpt == "auto" and device.type == "cuda"))
     return model.train(), keep
+
+
+def parameter_dtypes(model: PixelDiT, full_precision: set[str], compute_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Trained tensors, and frozen ones an earlier stage trained, stay float32 (master weights); other frozen tensors
+    take the compute dtype."""
+    return {name: torch.float32 if p.requires_grad or name in full_precision else compute_dtype
+            for name, p in model.named_parameters()}
 
 
 def run(args, rank, world, device, compute_dtype, plan, head, corpus, out, resume_from) -> dict:
@@ -530,15 +894,14 @@ def run(args, rank, world, device, compute_dtype, plan, head, corpus, out, resum
         report_corpus(corpus, args.data, source)
     model, keep = build_model(args, plan, head, source, device, compute_dtype, verbose=rank == 0)
     del source.transformer
+    net = parallelize(model, args.parallel, world, device, compute_dtype, args.patch)  # FSDP: `model` now holds shards
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if args.ema > 0 else None
-    step = load_checkpoint(resume_from, model, optimizer, ema, source.source, device) if resume_from else 0
+    step = load_checkpoint(resume_from, model, optimizer, ema, source.source) if resume_from else 0
     if resume_from and rank == 0:
         forget_logged_steps_after(out / "log.jsonl", step)
         print(f"resuming {resume_from} at step {step}", file=sys.stderr)
-    # Some trained tensors can sit out a step (the image pad token when h*w is a multiple of 32).
-    net = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     text = TextFeatures(args.ckpt, compute_dtype, device, args.text_cache)
 
     stop = {"signal": 0}
@@ -605,9 +968,10 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
         except ValueError as e:  # an image that will not decode: stop cleanly, with the steps so far saved
             failure = e
         if any_rank(failure is not None, world, device):
-            if rank == 0 and step > saved_step:
-                print(f"saved {save_checkpoint(out, step, model, plan, source, optimizer, ema, args, keep)}",
-                      file=sys.stderr)
+            if step > saved_step:
+                saved = save_checkpoint(out, step, model, plan, source, optimizer, ema, args, keep, rank)
+                if rank == 0:
+                    print(f"saved {saved}", file=sys.stderr)
             raise failure or ValueError("another rank met an image it cannot decode (see its error)")
         captions = text([corpus.rows[i]["prompt"] for _, i in batch])
         # a guidance-distilled source is trained with the guidance embedding each image was synthesised with
@@ -644,8 +1008,8 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
             tick, tick_step = time.time(), step
         stopping = signum > 0
         if step % args.save_every == 0 or step == args.steps or stopping:
+            saved = save_checkpoint(out, step, model, plan, source, optimizer, ema, args, keep, rank)
             if rank == 0:
-                saved = save_checkpoint(out, step, model, plan, source, optimizer, ema, args, keep)
                 print(f"saved {saved}", file=sys.stderr)
             saved_step = step
             if world > 1:
@@ -678,7 +1042,7 @@ def reduce_over_ranks(loss: float, signum: int, world: int, device) -> tuple[flo
 
 def main(argv=None) -> dict:
     result = train(argv)
-    if result["stopped"]:
+    if result.get("stopped"):
         raise SystemExit(runtime.EXIT_SIGNAL_BASE + result["stopped"])
     return result
 
