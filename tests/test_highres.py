@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import sample
 import transfer
-from model import (DetailerHead, HeadConfig, attention, attention_settings, key_padding_mask, patchify, shift_sigmas,
-                   tiled_head)
+from model import (HEAD_LAYOUTS, DetailerHead, HeadConfig, attention, attention_settings, head_layout, key_padding_mask,
+                   nearest_indices, patchify, shift_sigmas, tiled_head)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,77 @@ def test_tiled_head_equals_untiled_head(size, features):
             assert (tiled_head(head, x, f, tile) - full).abs().max() / full.abs().max() < 1e-5
     with pytest.raises(ValueError, match="head tile 100 must be a multiple of 16"):
         tiled_head(head, x, f, 100)
+
+
+# Each released layout at tiny widths (w1..w4 = 8..64, so the outer levels are 2 and 4 channels wide) on an image
+# whose inner tiles see less than the whole image through their halo, with the features its model's patch gives
+# (1K 16, 4K 64, 8K 128, 10K 160 px: there the head resizes them 2.5x, as 64 -> 160 at 10240 px).
+TINY_WIDTHS, TINY_DIM = (8, 16, 32, 64), 8
+LAYOUT_CASES = {"1k": ((192, 256), 16), "4k": ((704, 192), 64), "8k": ((1280, 256), 128), "10k": ((640, 320), 160)}
+
+
+def tiny_head_case(layout: str):
+    """The head at PyTorch's default init doubled (outputs of order 1, where far context still shows), an image
+    and its features."""
+    torch.manual_seed(0)
+    (height, width), patch = LAYOUT_CASES[layout]
+    head = DetailerHead(head_layout(layout, TINY_WIDTHS), TINY_DIM)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(2)
+    x, features = torch.randn(1, 3, height, width), torch.randn(1, TINY_DIM, height // patch, width // patch)
+    return head, x, features
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+def test_every_layouts_tiled_head_equals_the_untiled_head(layout, monkeypatch):
+    """Float32, tiles of one cell: the halo rule (HeadConfig.halo, 4 cells) is exact at every depth (4 to 7 levels)
+    and through the 10K feature resize, and it is not slack that hides an error: 2 cells are not enough."""
+    head, x, features = tiny_head_case(layout)
+    cell = head.cfg.cell
+    assert max(x.shape[-2:]) > cell + 2 * head.cfg.halo  # some tiles see only part of the image
+    with torch.no_grad():
+        full = head(x, features)
+        assert (tiled_head(head, x, features, cell) - full).abs().max() < 1e-5
+        monkeypatch.setattr(HeadConfig, "halo", property(lambda cfg: 2 * cfg.cell))
+        assert (tiled_head(head, x, features, cell) - full).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+def test_every_layouts_checkpointed_and_tiled_gradients_equal_plain_ones(layout):
+    """Gradients of every head weight and of the features: checkpointing each stage changes no bit; checkpointed
+    tiles (how train.py bounds memory) sum each weight's gradient over tiles, equal up to that summation order."""
+    head, x, features = tiny_head_case(layout)
+    features.requires_grad_(True)
+    weights = torch.randn(x.shape)
+
+    def gradients(run):
+        head.zero_grad(set_to_none=True)
+        features.grad = None
+        (run() * weights).sum().backward()
+        return [p.grad.clone() for p in head.parameters()] + [features.grad.clone()]
+
+    plain = gradients(lambda: head(x, features))
+    head.gradient_checkpointing = True
+    assert all(torch.equal(a, b) for a, b in zip(gradients(lambda: head(x, features)), plain))
+    tiled = gradients(lambda: tiled_head(head, x, features, 4 * head.cfg.cell))
+    assert all((a - b).abs().max() <= 1e-4 * b.abs().max() for a, b in zip(tiled, plain))
+
+
+def test_the_10k_feature_resize_is_legacy_nearest_index_for_index():
+    """F.interpolate's default mode "nearest" takes source index floor(dst * in / out): 64 -> 160 repeats the rows
+    3, 2, 3, 2, ... times. The head's bottleneck sees exactly those rows and columns of the features."""
+    rows = nearest_indices(64, 160)
+    assert torch.equal(rows, torch.arange(160) * 64 // 160)
+    assert torch.bincount(rows).tolist() == [3, 2] * 32
+    head, x, features = tiny_head_case("10k")
+    seen = []
+    head.bottleneck.register_forward_pre_hook(lambda _, args: seen.append(args[0][:, -TINY_DIM:]))
+    with torch.no_grad():
+        head(x, features)
+    (h, w), (fh, fw) = seen[0].shape[-2:], features.shape[-2:]
+    assert (h, w) == (10, 5) and (fh, fw) == (4, 2)
+    assert torch.equal(seen[0], features[:, :, torch.arange(h) * fh // h][:, :, :, torch.arange(w) * fw // w])
 
 
 def test_pixel_model_with_tiles_and_chunks_equals_plain(pipeline_dir):
