@@ -237,6 +237,29 @@ def test_a_changed_stage_of_a_high_resolution_list_fails(layout, stage, shape):
     assert shape_diff(changed, real) == [f"{stage}: ours {shape}, real {real[stage]}"]
 
 
+# What a higher-resolution release takes from a lower one when started from it (transfer.inherit): the modules
+# left at init (in the new file with no tensor of that name and shape in the old one) and those dropped
+INHERITANCE = [
+    ("1k", "4k", ["all_x_embedder.64-1", "dec0", "dec0b", "dec1", "enc0", "enc0b", "enc1", "out_conv", "up0", "up0b"],
+     ["all_x_embedder.16-1"]),
+    ("4k", "8k", ["all_x_embedder.128-1", "dec_8k", "enc_8k", "up_8k"], ["all_x_embedder.64-1"]),
+    ("4k", "10k", ["all_x_embedder.160-1", "bottleneck", "dec_10k_a", "enc_10k_a", "up3", "up_10k_a"],
+     ["all_x_embedder.64-1", "dec4", "enc4", "up4"]),
+]
+
+
+@pytest.mark.parametrize("low, high, at_init, dropped", INHERITANCE)
+def test_what_a_release_inherits_from_a_lower_resolution_one(low, high, at_init, dropped):
+    """On the real lists, in our names: every backbone tensor and the shared head stages carry over (4K -> 8K the
+    whole 4K head; 4K -> 10K all but bottleneck and up3, whose shapes differ, and the missing level 4)."""
+    lists = {"1k": L2P_RELEASE} | HR_RELEASES
+    old, new = (transfer.from_official(meta_tensors(shapes(lists[layout]))) for layout in (low, high))
+    kept = transfer.matching_tensors(old, new)
+    assert transfer.module_names(new.keys() - set(kept)) == at_init
+    assert transfer.module_names(old.keys() - new.keys()) == dropped
+    assert all(k in kept for k in new if k.startswith("backbone.") and "all_x_embedder" not in k)
+
+
 # ----------------------------------------------------------------------------------------------------
 # FLUX.1-dev
 
