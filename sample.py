@@ -12,6 +12,7 @@ as the official L2P inference does instead).
 
     python sample.py --ckpt runs/l2p --prompt "a red fox in snow" --out fox.png                   # L2P, pixel space
     python sample.py --ckpt Tongyi-MAI/Z-Image-Turbo --prompt "a red fox in snow" --out fox.png  # the latent source
+    python sample.py --ckpt HaojunChen/PixVerve-L2P/l2p_4k_sft.safetensors --prompt "a red fox" --out fox-4k.png
 """
 
 import argparse

@@ -72,8 +72,6 @@ BASE_DEFAULTS = {"patch": transfer.PIXEL_PATCH, "train_grid": TRAIN_GRID, "fresh
 STEP_FOLDER = re.compile(r"^step-\d{6}$")  # the checkpoint folders train.py writes, and the only ones it deletes
 
 
-
-
 def high_res_recipe(layout: str, native: int) -> dict:
     """The authors' recipe for a high-resolution layout (their train_run_ds.sh and train_L2P.py), as defaults for
     what no flag gives: its patch (64, 128, 160 px: the 64 x 64 token grid at 4, 8, 10 x the native side), the

@@ -12,8 +12,10 @@
                 (those nearest the output). SD3's and FLUX's embedders are time_text_embed and context_embedder.
     checkpoints: safetensors holding the trained tensors only, with the pixel config, the freeze plan and the
                 source's id, revision and weight hash in the metadata; loaded as source + trained tensors with
-                no merge step. `export` writes one standalone file; the official release file
-                (zhen-nan/L2P, model-1k-merge.safetensors) loads too.
+                no merge step. `export` writes one standalone file; the official release files load too
+                (zhen-nan/L2P, model-1k-merge.safetensors; HaojunChen/PixVerve-L2P, l2p_{4k,8k,10k}_sft).
+    inherit:    a model of a higher-resolution layout started from a lower one (1K -> 4K -> 8K or 10K), every
+                tensor whose name and shape fit copied, as the authors start their 8K and 10K models.
 
     python transfer.py --ckpt Tongyi-MAI/Z-Image-Turbo                   # parameter counts of the plan
     python transfer.py --export out/run --out l2p-standalone.safetensors  # one file, no source needed
