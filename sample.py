@@ -530,8 +530,8 @@ def plan_pixel_sampling(args, native: int, base_shift: float, prompts: list[str]
 
 def check_high_res_size(cfg, height: int, width: int, native: int) -> None:
     """Refuse sizes a high-resolution model (no 16-px embedder) cannot sample: sides that are not multiples of its
-    patch and of its head's cell (no smaller embedder exists to derive another patch from: 4K any multiple of 64,
-    8K of 128), and for the 10K layout any size but its own (10240 x 10240), as the official code, which resizes
+    patch and of its head's cell (4K any multiple of 64, 8K of 128, as the official code), and for the 10K layout
+    any size but its own (10240 x 10240), as the official code, which resizes
     the 64 x 64 token features to a hard-coded 160 x 160 grid (z_image_dit_L2P.py of the high-resolution code)."""
     if transfer.PIXEL_PATCH in cfg.patches:
         return
@@ -541,8 +541,8 @@ def check_high_res_size(cfg, height: int, width: int, native: int) -> None:
                          f"{native // cfg.head.cell} x {native // cfg.head.cell} grid of that size")
     multiple = math.lcm(min(cfg.patches), cfg.head.cell)
     runtime.check_size(height, width, multiple, f"this {cfg.head.layout or 'high-resolution'} model's "
-                                                f"{min(cfg.patches)}-px patch and {cfg.head.cell}-px head cell; it has "
-                                                "no 16-px embedder to derive other patches from")
+                                                f"{min(cfg.patches)}-px patch and {cfg.head.cell}-px head cell: with "
+                                                "no 16-px embedder, its sizes follow its own patch")
 
 
 def plan_fits(plan: dict) -> bool:
