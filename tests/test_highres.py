@@ -228,7 +228,6 @@ def large_csv_corpus(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["4k", "8k", "10k"])
 def test_a_tiny_high_resolution_model_trains_and_samples_with_its_defaults(pipeline_dir, corpus, tmp_path, layout,
                                                                            capsys):
@@ -258,7 +257,6 @@ def test_a_tiny_high_resolution_model_trains_and_samples_with_its_defaults(pipel
         assert (settings["steps"], settings["guidance"]) == (50, 4.0)
 
 
-@pytest.mark.slow
 def test_train_py_grows_1k_into_4k_into_8k(pipeline_dir, corpus, tmp_path):
     """--init with another --head: 1K -> 4K -> 8K, each run starting from the one before (its embedder derived
     from the previous patch), loading as source + trained tensors; 4K -> 10K cannot derive 160 px from 64 px."""
