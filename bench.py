@@ -4,6 +4,8 @@
     python bench.py train    # a training step under each freeze plan: time, gradients, optimizer state, peak memory
     python bench.py fsdp     # one FSDP training step at Z-Image size on one GPU: measured memory vs train.py's plan
     python bench.py highres  # the paper's Figure 4: pixel model vs the latent pipeline of the same backbone
+    python bench.py highres --scale 1 --sizes 4096 --patches 64 --layouts 1k 4k --dim 3840 --layers 30 --heads 30 \
+        --refiners 2 --cap-dim 2560   # Figure 4 at full size on one GPU: the 4K model, the 1K head at 4K, latent
 
 Each comparison runs both sides in one process on the same weights and inputs, interleaved, and reports
 medians and their ratio: these machines are noisy, ratios measured side by side are not. The reference
@@ -27,7 +29,7 @@ import hub
 import runtime
 import train
 import transfer
-from model import HeadConfig, PixelDiT, ZImageConfig, ZImageDiT
+from model import HEAD_LAYOUTS, HeadConfig, PixelDiT, ZImageConfig, ZImageDiT, head_layout
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -221,7 +223,8 @@ def timed(fn, device, repeats: int) -> float:
 
 def highres_child(args) -> dict:
     """One measurement in a fresh process: (seconds, peak bytes of the whole process or of CUDA's allocator,
-    weights included) of the latent transformer step, the VAE decode, or the pixel model step."""
+    weights included) of the latent transformer step, the VAE decode, or the pixel model step (its head: the
+    --layout of a release, at the release's widths)."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
 
     from model import PixelDiT
@@ -246,7 +249,8 @@ def highres_child(args) -> dict:
         else:
             cfg = ZImageConfig(dim=args.dim, n_layers=args.layers, n_refiner_layers=args.refiners, n_heads=args.heads,
                                n_kv_heads=args.heads, cap_feat_dim=args.cap_dim, axes_dims=tuple(axes))
-            ours = PixelDiT(transfer.pixel_config(cfg, patches=(args.patch,))).to(dtype).eval()
+            head = head_layout(args.layout)
+            ours = PixelDiT(transfer.pixel_config(cfg, head, patches=(args.patch,))).to(dtype).eval()
             ours.head_tile = args.head_tile
             image = torch.randn(1, 3, args.side, args.side, dtype=dtype)
             step = lambda: ours(image, t, caption, args.patch)  # noqa: E731
@@ -261,27 +265,40 @@ def bench_highres(args) -> list[dict]:
     pipeline (diffusers' Z-Image transformer + the 16-channel VAE, random weights, the same backbone config),
     whose whole sample also pays a VAE decode at the output size. One forward per step, batch 1, no guidance;
     each measurement in its own process, peaks with the weights included. On CPU the sides are divided by
-    --scale and the backbone is narrow; on a GPU: --scale 1 --dim 3840 --layers 30 --heads 30 --refiners 2."""
+    --scale and the backbone is narrow; on a GPU: --scale 1 --dim 3840 --layers 30 --heads 30 --refiners 2.
+
+    Pixel columns: "p{P}" the 1K head with P-px patches (at 4096 px, p64 is today's extrapolation: the 1K head
+    fed the 64 x 64 token features upsampled 4x); "4k", "8k", "10k" a release's own model (its head layout and
+    patch, --layouts). A whole sample is --steps steps (and the latent one's decode); with no decode, a pixel
+    sample's peak is its step's."""
     common = ["--dim", str(args.dim), "--layers", str(args.layers), "--heads", str(args.heads), "--refiners",
               str(args.refiners), "--cap-dim", str(args.cap_dim), "--caption-tokens", str(args.caption_tokens),
               "--repeats", str(args.repeats)] + (["--head-tile", str(args.head_tile)] if args.head_tile else [])
 
-    def child(kind: str, side: int, patch: int = 16) -> dict:
-        cmd = [sys.executable, __file__, "highres", "--child", kind, "--side", str(side), "--patch", str(patch)]
+    def child(kind: str, side: int, patch: int = 16, layout: str = "1k") -> dict:
+        cmd = [sys.executable, __file__, "highres", "--child", kind, "--side", str(side), "--patch", str(patch),
+               "--layout", layout]
         done = subprocess.run(cmd + common, capture_output=True, text=True, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    pixel_models = [(f"p{patch}", patch, "1k") for patch in args.patches if "1k" in args.layouts]
+    pixel_models += [(layout, transfer.LAYOUT_PATCHES[layout], layout) for layout in args.layouts if layout != "1k"]
     rows = []
     for size in args.sizes:
         side = size // args.scale
         latent, decode = child("latent", side), child("decode", side)
+        latent_peak = max(latent["peak"], decode["peak"])
         row = {"size": size, "px": side, "latent step s": latent["seconds"], "decode s": decode["seconds"],
-               "latent sample GiB": max(latent["peak"], decode["peak"]) / 2**30}
-        for patch in args.patches:
-            ours = child("pixel", side, patch)
-            row |= {f"p{patch} step s": ours["seconds"], f"p{patch} GiB": ours["peak"] / 2**30,
-                    f"p{patch} latency": ours["seconds"] / latent["seconds"],
-                    f"p{patch} memory": ours["peak"] / max(latent["peak"], decode["peak"])}
+               "latent sample s": args.steps * latent["seconds"] + decode["seconds"],
+               "latent sample GiB": latent_peak / 2**30}
+        for name, patch, layout in pixel_models:
+            if side % patch or side % head_layout(layout).cell:
+                continue
+            ours = child("pixel", side, patch, layout)
+            row |= {f"{name} step s": ours["seconds"], f"{name} GiB": ours["peak"] / 2**30,
+                    f"{name} latency": ours["seconds"] / latent["seconds"],
+                    f"{name} sample": args.steps * ours["seconds"] / row["latent sample s"],
+                    f"{name} memory": ours["peak"] / latent_peak}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
@@ -330,7 +347,11 @@ def main(argv=None):
     hr = sub.add_parser("highres", help="Figure 4: pixel model per-step latency / peak memory vs the latent pipeline")
     hr.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="nominal output sides")
     hr.add_argument("--scale", type=int, default=8, help="divide the sides by this (1 on a GPU: full size)")
-    hr.add_argument("--patches", type=int, nargs="+", default=[16, 32, 64])
+    hr.add_argument("--patches", type=int, nargs="+", default=[16, 32, 64], help="patches of the 1K-head model")
+    hr.add_argument("--layouts", nargs="+", choices=HEAD_LAYOUTS, default=["1k"],
+                    help="head layouts: 1k (with each of --patches), and the 4k / 8k / 10k releases' models (their "
+                         "own patch), measured at the sizes their patch and head divide")
+    hr.add_argument("--steps", type=int, default=50, help="steps of a whole sample (the high-resolution releases' 50)")
     hr.add_argument("--dim", type=int, default=256)
     hr.add_argument("--layers", type=int, default=6)
     hr.add_argument("--heads", type=int, default=4)
@@ -342,6 +363,7 @@ def main(argv=None):
     hr.add_argument("--child", help=argparse.SUPPRESS)
     hr.add_argument("--side", type=int, help=argparse.SUPPRESS)
     hr.add_argument("--patch", type=int, default=16, help=argparse.SUPPRESS)
+    hr.add_argument("--layout", default="1k", help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
     args = p.parse_args(argv)
     if args.what in ("train", "highres") and args.child:

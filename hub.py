@@ -831,7 +831,10 @@ DEFAULT_SIZE = 1024  # Z-Image's and L2P's native resolution; a source's recipe 
 # A latent source's sampling defaults when it has no recipe card, by family (`source_family`). guidance is ours:
 # classifier-free with 1 = off, except FLUX-dev's, which is the scale its guidance embedding takes (no CFG batch).
 SOURCE_DEFAULTS = {
-    # Z-Image-Turbo's model card: 8 steps, no guidance
+    # Z-Image-Turbo's model card: 8 steps, no guidance. Z-Image (Base), Tongyi-MAI/Z-Image, the high-resolution L2P
+    # releases' source, is sampled with many steps and CFG, but its configs do not tell it from Turbo (copies of its
+    # transformer config.json and model_index.json hold Turbo's values; only the diffusers version that wrote them
+    # differs): give it a recipe card (l2p.json) or --steps / --guidance
     "zimage": {"steps": 8, "guidance": 1.0},
     # SD3.5-Medium's model card (40 steps, guidance_scale 4.5; SAI's sd3_infer.py: 40-50 steps, CFG 4.5-5). Other
     # cards: SD3-Medium 28 / 7.0 (= StableDiffusion3Pipeline's defaults), SD3.5-Large 28 / 3.5, Large-Turbo 4 / off

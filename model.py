@@ -896,10 +896,12 @@ class HeadLevel:
     dec: int
 
 
-def unet_levels(widths: tuple[int, ...]) -> tuple[HeadLevel, ...]:
-    """The 1K head's levels from its widths (64, 128, 256, 512): level i encodes to w_i, its up conv keeps w_i,
-    its decoder narrows to w_(i-1), the first keeping w_1 for the output conv."""
-    return tuple(HeadLevel(str(i + 1), w, w, widths[max(i - 1, 0)]) for i, w in enumerate(widths))
+def unet_levels(widths: tuple[int, ...], names: tuple[str, ...] | None = None) -> tuple[HeadLevel, ...]:
+    """Plain U-Net levels from their widths, full resolution first (the 1K head: 64, 128, 256, 512, named "1".."4"):
+    level i encodes to w_i, its up conv keeps w_i, its decoder narrows to w_(i-1), the first keeping w_1 for the
+    output conv."""
+    names = names or tuple(str(i + 1) for i in range(len(widths)))
+    return tuple(HeadLevel(name, w, w, widths[max(i - 1, 0)]) for i, (name, w) in enumerate(zip(names, widths)))
 
 
 @dataclass(frozen=True)
@@ -923,9 +925,17 @@ class HeadConfig:
     def halo(self) -> int:
         """Context a tile needs on each side for the tiled head to equal the untiled one: the receptive field of
         the 3x3 convs (one per level going down and two coming up, each at its level's scale: 3 x (cell - 1) px),
-        rounded up to whole cells so pooling windows line up, plus a cell to spare (at 1K: 45 -> 48 + 16 = 64
-        px; 48 is the least that is exact on random weights)."""
+        rounded up to whole cells so pooling windows line up, plus a cell to spare. 1K: 45 -> 48 + 16 = 64 px; 4K
+        and 10K 256 px, 8K 512 px. At every released depth 3 cells is the least that is exact on random weights
+        and 2 cells is not (tests/test_highres.py)."""
         return round_up(3 * (self.cell - 1), self.cell) + self.cell
+
+    @property
+    def layout(self) -> str | None:
+        """The released layout (HEAD_LAYOUTS) its level names follow, or None."""
+        names = tuple(level.name for level in self.levels)
+        return next((layout for layout in HEAD_LAYOUTS
+                     if names == tuple(level.name for level in head_layout(layout).levels)), None)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
@@ -933,6 +943,41 @@ class HeadConfig:
 
     def to_dict(self) -> dict:
         return {"levels": [[lv.name, lv.enc, lv.up, lv.dec] for lv in self.levels], "bottleneck": self.bottleneck}
+
+
+# The released heads, by the resolution of their model. Each keeps the DiT at a 64 x 64 token grid and pools the
+# image down to (about) that grid: 1K 16x, 4K 64x, 8K 128x, 10K 64x to 160 x 160 (the authors' high-resolution
+# code, HaojunChen663/PixVerve-95K L2P-ZImage-HR: MicroDiffusionModel in z_image_dit_L2P.py).
+HEAD_LAYOUTS = ("1k", "4k", "8k", "10k")
+HIGH_RES_LEVELS = ("0", "0b", "1", "2", "3", "4")  # the 4K head's levels, full resolution first
+
+
+def head_layout(layout: str, widths: tuple[int, ...] = HEAD_WIDTHS) -> HeadConfig:
+    """A released head layout, built from the 1K head's widths w1..w4 (64, 128, 256, 512 in every release, which
+    gives each release's channel counts exactly; the toy world divides them by 4):
+
+    1k   levels "1".."4" (unet_levels), bottleneck w4 at 1/16.
+    4k   levels "0" (w1/4) and "0b" (w1/2) above them, the decoders of "1", "0b" and "0" narrowed to w1/2, w1/4
+         and w1/4: bottleneck w4 at 1/64.
+    8k   the 4k head inside an outer level "_8k" (a 3-channel conv on the RGB input before the first pool, w1/4 on
+         the way up): bottleneck at 1/128.
+    10k  an outer level "_10k_a" over the 4k head without its level "4": bottleneck w4 at 1/64, where the DiT's
+         64 x 64 features of a 10240-px image are resized to 160 x 160 (DetailerHead.forward)."""
+    if layout not in HEAD_LAYOUTS:
+        raise ValueError(f"head layout {layout!r}: expected one of {', '.join(HEAD_LAYOUTS)}")
+    if len(widths) != len(HEAD_WIDTHS) or min(widths) < 1:
+        raise ValueError(f"head widths {widths}: expected {len(HEAD_WIDTHS)} positive integers (w1..w4)")
+    w1, bottleneck = widths[0], widths[-1]
+    if layout == "1k":
+        return HeadConfig(unet_levels(widths), bottleneck)
+    if w1 % 4:
+        raise ValueError(f"head widths {widths}: the {layout} layout's outer levels are w1/4 and w1/2 wide, so w1 "
+                         "must be a multiple of 4")
+    levels = unet_levels((w1 // 4, w1 // 2, *widths), HIGH_RES_LEVELS)
+    wrapper = {"8k": "_8k", "10k": "_10k_a"}.get(layout)
+    if wrapper:
+        levels = (HeadLevel(wrapper, RGB_CHANNELS, w1 // 4, w1 // 4),) + levels[: 6 if layout == "8k" else 5]
+    return HeadConfig(levels, bottleneck)
 
 
 def conv_silu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:

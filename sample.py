@@ -12,6 +12,7 @@ as the official L2P inference does instead).
 
     python sample.py --ckpt runs/l2p --prompt "a red fox in snow" --out fox.png                   # L2P, pixel space
     python sample.py --ckpt Tongyi-MAI/Z-Image-Turbo --prompt "a red fox in snow" --out fox.png  # the latent source
+    python sample.py --ckpt HaojunChen/PixVerve-L2P/l2p_4k_sft.safetensors --prompt "a red fox" --out fox-4k.png
 """
 
 import argparse
@@ -42,6 +43,9 @@ PIXEL_STEPS = 30
 PIXEL_GUIDANCE = 2.0
 PIXEL_SHIFT = 3.0
 PIXEL_DEFAULTS = {"steps": PIXEL_STEPS, "guidance": PIXEL_GUIDANCE, "shift": PIXEL_SHIFT}
+# The 4K, 8K and 10K releases' inference (their README's "Inference" and batch script): 50 Euler steps,
+# CFG 4.0, shift 3, at the model's own size; they draw the noise on the GPU (--noise-device cuda).
+HIGH_RES_DEFAULTS = {"steps": 50, "guidance": 4.0, "shift": PIXEL_SHIFT}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,15 +277,27 @@ def sampling_defaults(ckpt: str, source: str | None = None) -> tuple[str, dict, 
     """(kind, recipe card, defaults) of a checkpoint, from metadata and configs alone: kind "latent" for a source
     pipeline, "pixel" for an L2P checkpoint; defaults h, w, steps, guidance and shift (hub.recipe_defaults) are the
     source's recipe card's, else the L2P release's for a pixel model (shift: its base shift, see patch_and_shift),
-    else the source family's for a latent one (which has no shift to choose)."""
+    else the source family's for a latent one (which has no shift to choose).
+
+    A high-resolution pixel model (no 16-px embedder: the 4K, 8K and 10K releases and the models train.py --head
+    makes) samples by default at its own size, the native one times its patch / 16 (4096, 8192, 10240 px: the
+    native 64 x 64 token grid), where its patch is the trained one and its shift the base shift, with the
+    high-resolution releases' steps and guidance (HIGH_RES_DEFAULTS) unless the recipe card names them."""
     root = hub.resolve(ckpt, ["model_index.json", "transformer/config.json", hub.RECIPE_CARD])
     if root.is_dir() and (root / "model_index.json").is_file():
         cfg = hub.pipeline_transformer_config(root / "transformer", hub.read_pipeline_index(root)["_class_name"])
         card = hub.recipe_card(ckpt)
         family = hub.SOURCE_DEFAULTS[hub.source_family(cfg)]
         return "latent", card, hub.recipe_defaults(card, "synth", hub.SIZE_DEFAULTS | family | {"shift": None})
+    patches = transfer.peek_config(ckpt).patches
     card = hub.recipe_card(source or transfer.source_of(ckpt))
-    return "pixel", card, hub.recipe_defaults(card, "sample", hub.SIZE_DEFAULTS | PIXEL_DEFAULTS)
+    high_res = transfer.PIXEL_PATCH not in patches
+    built_in = hub.SIZE_DEFAULTS | (HIGH_RES_DEFAULTS if high_res else PIXEL_DEFAULTS)
+    defaults = hub.recipe_defaults(card, "sample", built_in)
+    if high_res:
+        scale = min(patches) // transfer.PIXEL_PATCH
+        defaults["h"], defaults["w"] = defaults["h"] * scale, defaults["w"] * scale
+    return "pixel", card, defaults
 
 
 @dataclass
@@ -305,8 +321,8 @@ class ImageModel:
         patches = self.pixel_model.cfg.patches
         patch, shift = patch_and_shift(patches, height, width, self.native, self.defaults["shift"], patch, shift)
         if patch not in patches:
-            print(f"patch {patch}: no trained embedder, derived from the 16-px one (area-downsampled pixels): an "
-                  "extrapolation the model was not trained for", file=sys.stderr)
+            print(f"patch {patch}: no trained embedder, derived from a smaller trained one (area-downsampled pixels): "
+                  "an extrapolation the model was not trained for", file=sys.stderr)
             self.pixel_model = transfer.add_patch_sizes(self.pixel_model, (patch,)).eval()
         return {"patch": patch, "shift": shift}
 
@@ -481,9 +497,10 @@ def plan_pixel_sampling(args, native: int, base_shift: float, prompts: list[str]
     height, width = args.h, args.w
     if args.head_tile and args.head_tile % cfg.head.cell:
         raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of this head's {cfg.head.cell}-px cell")
-    if args.patch is not None and args.patch not in cfg.patches and args.patch % transfer.PIXEL_PATCH:
+    if args.patch is not None and args.patch not in cfg.patches and all(args.patch % p for p in cfg.patches):
         raise ValueError(f"--patch {args.patch}: the model has no embedder for it (trained: {list(cfg.patches)}), "
-                         f"and only multiples of {transfer.PIXEL_PATCH} derive from the 16-px one")
+                         "and only multiples of a trained patch derive from one")
+    check_high_res_size(cfg, height, width, native)
     with torch.device("meta"):
         params = sum(p.numel() for p in PixelDiT(cfg).parameters()) + text_parameters(text_root)
     caption_tokens = hub.text_tokens(cfg.backbone)
@@ -509,6 +526,23 @@ def plan_pixel_sampling(args, native: int, base_shift: float, prompts: list[str]
     plan = plan_at(height, width, args.patch)
     plan["verdict"] = memory_verdict(plan, height, width, plan_at, args.patch)
     return plan
+
+
+def check_high_res_size(cfg, height: int, width: int, native: int) -> None:
+    """Refuse sizes a high-resolution model (no 16-px embedder) cannot sample: sides that are not multiples of its
+    patch and of its head's cell (4K any multiple of 64, 8K of 128, as the official code), and for the 10K layout
+    any size but its own (10240 x 10240), as the official code, which resizes
+    the 64 x 64 token features to a hard-coded 160 x 160 grid (z_image_dit_L2P.py of the high-resolution code)."""
+    if transfer.PIXEL_PATCH in cfg.patches:
+        return
+    if cfg.head.layout == "10k" and (height, width) != (native, native):
+        raise ValueError(f"--h {height} --w {width}: a 10K model samples exactly {native}x{native}: its head resizes "
+                         f"the {native // cfg.patches[0]} x {native // cfg.patches[0]}-token features to the fixed "
+                         f"{native // cfg.head.cell} x {native // cfg.head.cell} grid of that size")
+    multiple = math.lcm(min(cfg.patches), cfg.head.cell)
+    runtime.check_size(height, width, multiple, f"this {cfg.head.layout or 'high-resolution'} model's "
+                                                f"{min(cfg.patches)}-px patch and {cfg.head.cell}-px head cell: with "
+                                                "no 16-px embedder, its sizes follow its own patch")
 
 
 def plan_fits(plan: dict) -> bool:
@@ -564,7 +598,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i uses seed + i")
     p.add_argument("--noise-device", default="cpu", choices=("cpu", "cuda"),
                    help="where the initial noise is drawn: cpu (default: the same image on any machine) or cuda "
-                        "(the official L2P inference's rand_device, to reproduce its images on a GPU)")
+                        "(the official L2P inference's rand_device, 1K and high-resolution, to reproduce its images "
+                        "on a GPU)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (consecutive seeds)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per forward batch")
     p.add_argument("--no-ema", action="store_true", help="L2P run or step folder: use the raw weights, not the EMA")

@@ -946,12 +946,21 @@ def claims_command(args) -> list[dict]:
 
 
 HIGHRES_SCALE = 4  # the paper's 1K -> 4K step: 16-px patches at the native size, 64-px patches at 4x
+# What `highres --compare` trains from the native run, each row with the same steps, batch and seeds: the 64-px
+# embedder's init (the 1K head kept), or the head (today's extrapolation, the 1K head fed the 8 x 8 token features
+# upsampled 4x, against the 4K release's six-level layout at toy widths, with the 4K recipe's grid and noise both).
+HIGHRES_COMPARISONS = {
+    "embedder": [("64-px embedder init downsampled", ["--patch-init", "downsampled"]),
+                 ("64-px embedder init random", ["--patch-init", "random"])],
+    "head": [("1K head, features upsampled 4x", ["--train-grid", "1000", "--fresh-noise"]),
+             ("4K head (six levels)", ["--head", "4k", "--train-grid", "1000", "--fresh-noise"])],
+}
 
 
 def highres_command(args) -> list[dict]:
     """4x training at toy scale (the paper's 1K -> 4K stage): continue an L2P run on rendered 4x images with
-    64-px patches, so the transformer's token grid is unchanged, once with the 64-px embedder initialised
-    from the 16-px one on downsampled pixels and once at random, and judge both at 4x with the same budget."""
+    64-px patches, so the transformer's token grid is unchanged, once per row of the --compare table (the 64-px
+    embedder's init, or the Detailer Head's layout), and judge every row at 4x with the same budget."""
     import train
 
     size = hub.recipe_card(str(args.source))["size"][0] * HIGHRES_SCALE
@@ -965,18 +974,20 @@ def highres_command(args) -> list[dict]:
         return scores
 
     rows = [{"row": f"{args.init} at {size} px, no 4x training (derived {patch}-px embedder)", "wall s": "-",
-             "first loss": "-", "last loss": "-"} | judged(str(args.init))]
-    for init in ("downsampled", "random"):
-        out = args.work / f"patch{patch}-{init}"
+             "s/step": "-", "first loss": "-", "last loss": "-"} | judged(str(args.init))]
+    for name, flags in HIGHRES_COMPARISONS[args.compare]:
+        out = args.work / name.split(" (")[0].replace(" ", "-").replace(",", "").lower()
         start = time.time()
         losses = train.train(["--init", str(args.init), "--ckpt", str(args.source), "--data", str(data),
-                              "--out", str(out), "--patch", str(patch), "--patch-init", init, "--steps",
-                              str(args.steps), "--batch-size", str(args.batch_size), "--save-every", str(args.steps),
-                              "--log-every", "25"])["losses"]
+                              "--out", str(out), "--patch", str(patch), "--steps", str(args.steps), "--batch-size",
+                              str(args.batch_size), "--save-every", str(args.steps), "--log-every", "25",
+                              *flags])["losses"]
+        logged = [json.loads(line)["step_s"] for line in (out / "log.jsonl").read_text().splitlines()]
         tenth = max(1, len(losses) // 10)  # mean losses of the first and the last tenth of the steps
-        rows.append({"row": f"{args.steps} steps at {size} px, {patch}-px embedder init {init}",
-                     "wall s": f"{time.time() - start:.0f}", "first loss": sum(losses[:tenth]) / tenth,
-                     "last loss": sum(losses[-tenth:]) / tenth} | judged(str(out)))
+        rows.append({"row": f"{args.steps} steps at {size} px, {name}", "wall s": f"{time.time() - start:.0f}",
+                     "s/step": f"{sum(logged[1:] or logged) / len(logged[1:] or logged):.2f}",
+                     "first loss": sum(losses[:tenth]) / tenth, "last loss": sum(losses[-tenth:]) / tenth}
+                    | judged(str(out)))
         print(table(rows), file=sys.stderr)
     print(table(rows))
     return rows
@@ -1031,7 +1042,8 @@ def parse_args(argv=None):
     c.add_argument("--steps", type=int, help="training steps of every row (default: the budget's)")
     c.add_argument("--per-category", type=int, default=10)
     c.add_argument("--seeds", type=int, default=4, help="rounds of the evaluation prompts, a seed per image")
-    h = sub.add_parser("highres", help="4x training with 64-px patches: downsampled vs random embedder init")
+    h = sub.add_parser("highres", help="4x training with 64-px patches: downsampled vs random embedder init, or the "
+                                       "1K head on upsampled features vs the 4K release's head")
     h.add_argument("--init", type=Path, default=transfer.DEFAULT_RUN, help="the native-size L2P run to continue")
     h.add_argument("--source", type=Path, default=TOY_SOURCE, help="the toy source model")
     h.add_argument("--work", type=Path, default=Path("runs/highres"), help="folder for the 4x corpus and the runs")
@@ -1039,6 +1051,9 @@ def parse_args(argv=None):
     h.add_argument("--steps", type=int, default=100, help="training steps of each run")
     h.add_argument("--batch-size", type=int, default=4)
     h.add_argument("--per-category", type=int, default=2, help="evaluation prompts per category (sampled at 4x)")
+    h.add_argument("--compare", choices=list(HIGHRES_COMPARISONS), default="embedder",
+                   help="what the trained rows differ in: the 64-px embedder's init (default), or the head (the 1K "
+                        "head fed upsampled features against the 4K release's six-level layout at toy widths)")
     judge_flag(h)
     return p.parse_args(argv)
 

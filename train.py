@@ -7,6 +7,12 @@ over the released 500-point grid linspace(1, 0, 501)[:-1], shifted by 3. Each im
 across epochs, as the released code does (`--fresh-noise` draws new noise each step); it is seeded from the
 image's metadata seed through a salt, so it is independent of the noise the source synthesised the image from.
 
+`--head 4k`, `8k` or `10k` trains the authors' high-resolution models (their head layout, their patch, a
+1000-point grid, fresh noise, images cropped to the model's size), from a latent source or, with --init, from a
+lower-resolution L2P model:
+
+    torchrun --nproc_per_node 8 train.py --ckpt Tongyi-MAI/Z-Image --head 4k --data hr.csv --out runs/l2p-4k
+
 Every random choice is a pure function of (--seed, step, position in the global batch): the data order
 (one permutation per epoch), each sample's sigma and fresh noise. So 2 ranks at batch 1 draw exactly what
 1 rank at batch 2 draws (their losses agree to float precision; the weights drift apart at the 1e-3 level over
@@ -31,6 +37,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -60,7 +67,7 @@ from torch.utils._pytree import tree_flatten
 import hub
 import runtime
 import transfer
-from model import HEAD_WIDTHS, TIMESTEP_RULES, TRAIN_TIMESTEPS, HeadConfig, PixelDiT, shift_sigmas
+from model import HEAD_LAYOUTS, HEAD_WIDTHS, TIMESTEP_RULES, TRAIN_TIMESTEPS, HeadConfig, PixelDiT, head_layout, shift_sigmas
 from runtime import non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
 from tokenizer import ZIMAGE_MAX_TOKENS, PooledText, conditioning_from_parts, conditioning_parts
 
@@ -70,15 +77,32 @@ PAPER_LR, PAPER_WEIGHT_DECAY = 5e-5, 0.01  # paper Table 3, AdamW
 # Arguments that define a run: a resume must repeat them (the rest, like --steps, may change). The global batch
 # (GPUs x --batch-size) is one of them, the world size and the batch per GPU each are not: they may trade.
 RUN_DEFINING = ("ckpt", "data", "global_batch", "lr", "weight_decay", "warmup", "cooldown", "clip", "ema",
-                "freeze", "blocks", "head_widths", "init", "output", "patch", "patch_init", "seed", "fresh_noise",
-                "train_shift", "timesteps", "max_pixels")
+                "freeze", "blocks", "head", "head_widths", "init", "output", "patch", "patch_init", "seed",
+                "fresh_noise", "train_shift", "train_grid", "timesteps", "max_pixels", "image_size")
 PAPER_DEFAULTS = {"steps": 10000, "batch_size": 1, "lr": PAPER_LR, "warmup": 0, "cooldown": 0, "freeze": "released",
-                  "blocks": 5, "head_widths": ",".join(map(str, HEAD_WIDTHS))}
+                  "blocks": 5, "head": "1k", "head_widths": ",".join(map(str, HEAD_WIDTHS))}
+HIGH_RES_GRID = 1000  # the high-resolution loss draws from set_timesteps(1000, training=True), shifted by 3
 NOISE_SALT = "training noise"  # mixed into an image's seed: its training noise is not the noise that made it
 CSV_METADATA = "metadata.csv"  # a CSV corpus folder's rows (the official dataset's layout)
 CSV_COLUMNS = ("image", "prompt", "seed")
 OFFICIAL_MAX_PIXELS = 1024 * 1024  # the official loader scales larger images down to about 1 MP
+# What the 1K recipe trains with where no flag (and no --head recipe, high_res_recipe) says otherwise
+BASE_DEFAULTS = {"patch": transfer.PIXEL_PATCH, "train_grid": TRAIN_GRID, "fresh_noise": False,
+                 "max_pixels": OFFICIAL_MAX_PIXELS}
 STEP_FOLDER = re.compile(r"^step-\d{6}$")  # the checkpoint folders train.py writes, and the only ones it deletes
+
+
+def high_res_recipe(layout: str, native: int) -> dict:
+    """The authors' recipe for a high-resolution layout (their train_run_ds.sh and train_L2P.py), as defaults for
+    what no flag gives: its patch (64, 128, 160 px: the 64 x 64 token grid at 4, 8, 10 x the native side), the
+    1000-point grid, fresh noise every step, and its image size. 4K and 10K resize every image to cover the square
+    of that side and centre-crop it; 8K scales images down to at most that many pixels, sides floored to multiples
+    of the patch, so it trains at many sizes (batch 1 per GPU). Their lr (5e-5), batch and freeze plan are the
+    1K recipe's, this script's defaults."""
+    patch = transfer.LAYOUT_PATCHES[layout]
+    side = native * patch // transfer.PIXEL_PATCH
+    size = {"max_pixels": side * side} if layout == "8k" else {"image_size": side}
+    return {"patch": patch, "train_grid": HIGH_RES_GRID, "fresh_noise": True} | size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,12 +151,14 @@ class Corpus:
       holding metadata.csv): images of any size, brought to at most `max_pixels` with sides a multiple of the
       patch as the official loader does (official_size, cover_and_crop).
 
-    Every row is checked before any weight loads: its file lies inside the corpus folder, its header reads as an
-    image of a usable size, its prompt is text and its seed an integer (when the noise needs one)."""
+    With `size`, every image of either kind trains at size x size, resized to cover it and centre-cropped (the
+    4K and 10K recipes). Every row is checked before any weight loads: its file lies inside the corpus folder,
+    its header reads as an image of a usable size, its prompt is text and its seed an integer (when the noise
+    needs one)."""
 
     def __init__(self, location: Path, patch: int = transfer.PIXEL_PATCH, max_pixels: int = OFFICIAL_MAX_PIXELS,
-                 need_seeds: bool = True):
-        self.patch, self.need_seeds = patch, need_seeds
+                 need_seeds: bool = True, size: int | None = None):
+        self.patch, self.need_seeds, self.size = patch, need_seeds, size
         if location.is_file() and location.suffix == ".csv":
             self.folder, self.rows = location.parent, self.read_csv(location, max_pixels)
         elif (location / runtime.CORPUS_METADATA).is_file():
@@ -162,7 +188,8 @@ class Corpus:
                              f"{seed!r}; or train with --fresh-noise")
         height, width = row["height"], row["width"]
         if min(height, width) < self.patch or height % self.patch or width % self.patch:
-            raise ValueError(f"{where}: trains at {height}x{width}, not a multiple of the patch size {self.patch}")
+            raise ValueError(f"{where}: trains at {height}x{width}, not a multiple of {self.patch} (the patch size "
+                             "and the head's cell)")
         if (height, width) != header_size and not row.get("resized"):
             raise ValueError(f"{where}: the row says {height}x{width} but the image is {header_size[0]}x{header_size[1]}")
         return row
@@ -178,6 +205,8 @@ class Corpus:
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object")
             header = image_size(inside(path.parent, row.get("file"), where), where)
+            if self.size:
+                row |= {"height": self.size, "width": self.size, "resized": True}
             row.setdefault("height", header[0])
             row.setdefault("width", header[1])
             rows.append(self.checked_row(row, where, header))
@@ -197,7 +226,8 @@ class Corpus:
                     where = f"--data {path}:{reader.line_num}"
                     header = image_size(inside(path.parent, record.get("image"), where), where)
                     seed = (record.get("seed") or "").strip()
-                    height, width = official_size(header[1], header[0], max_pixels, self.patch)
+                    height, width = (self.size, self.size) if self.size else \
+                        official_size(header[1], header[0], max_pixels, self.patch)
                     row = {"file": record["image"], "prompt": record.get("prompt"), "height": height, "width": width,
                            "seed": int(seed) if re.fullmatch(r"-?\d+", seed) else (seed or None), "resized": True}
                     rows.append(self.checked_row(row, where, header))
@@ -247,13 +277,14 @@ def global_batch(step: int, size: int, n_items: int, seed: int) -> list[tuple[in
     return batch
 
 
-def training_sigmas(shift: float = TRAIN_SHIFT, rule: str = "exact") -> torch.Tensor:
-    """The released training grid: linspace(1, 0, 501)[:-1] = {1, 0.998, ..., 0.002}, shifted.
+def training_sigmas(shift: float = TRAIN_SHIFT, rule: str = "exact", grid: int = TRAIN_GRID) -> torch.Tensor:
+    """The released training grid: linspace(1, 0, grid + 1)[:-1] = {1, 0.998, ..., 0.002} at the 1K release's
+    500 points (1000 for the high-resolution ones: {1, ..., 0.001}, shifted to 0.00299 as theirs), shifted.
 
     rule "official": the grid as the released loss really samples it. It casts the drawn timestep (sigma x 1000)
     to bfloat16, and the scheduler's add_noise snaps that back to the nearest grid timestep, so only 252 of the
     500 sigmas are ever drawn (some twice as often); the model then sees the rounded time (model.zimage_time)."""
-    sigmas = shift_sigmas(torch.linspace(1.0, 0.0, TRAIN_GRID + 1)[:-1], shift)
+    sigmas = shift_sigmas(torch.linspace(1.0, 0.0, grid + 1)[:-1], shift)
     if rule == "official":
         timesteps = sigmas * TRAIN_TIMESTEPS
         drawn = timesteps.to(torch.bfloat16).float()
@@ -662,11 +693,12 @@ def dry_run(args) -> dict:
     "caption_tokens"}."""
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     compute_dtype = torch.bfloat16 if args.dtype == "auto" else runtime.DTYPES[args.dtype]  # as on CUDA
-    head = parse_head_widths(args.head_widths)
+    head = parse_head(args.head, args.head_widths)
     full_precision = set()
     if args.init in ("transfer", "scratch"):
         source = hub.transformer_config(hub.resolve(args.ckpt, ["transformer/config.json"]) / "transformer")
-        cfg = transfer.pixel_config(source, head, output=args.output, timestep_rule=args.timesteps or "exact")
+        patches = (args.patch,) if head.layout != "1k" else (transfer.PIXEL_PATCH,)  # as build_model makes them
+        cfg = transfer.pixel_config(source, head, patches, output=args.output, timestep_rule=args.timesteps or "exact")
     else:
         cfg, init_file = transfer.peek_config(args.init), transfer.checkpoint_file(args.init, ema=False)
         if transfer.read_metadata(init_file).get("kind") == "trained":  # as build_model keeps them: float32
@@ -723,9 +755,12 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=Path("data"),
                    help="corpus: a folder written by synth.py (metadata.jsonl), or a CSV with columns image, prompt, "
                         "seed (a .csv file, or a folder holding metadata.csv) as the official L2P dataset ships")
-    p.add_argument("--max-pixels", type=positive_int, default=OFFICIAL_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=positive_int,
                    help="CSV corpora: images larger than this are scaled down to it, as the official loader does "
-                        f"(default {OFFICIAL_MAX_PIXELS})")
+                        f"(default {OFFICIAL_MAX_PIXELS}; --head 8k: 8 x the native side, squared)")
+    p.add_argument("--image-size", type=positive_int,
+                   help="train every image at SIDE x SIDE, resized to cover it and centre-cropped (default: each "
+                        "image's own size; --head 4k / 10k: 4 / 10 x the native side, as their recipes)")
     p.add_argument("--out", type=Path, default=transfer.DEFAULT_RUN,
                    help="run folder: checkpoints, logs; resumed if present")
     p.add_argument("--steps", type=positive_int, help="total optimizer steps (default: recipe card, else 10000)")
@@ -748,25 +783,38 @@ def parse_args(argv=None):
                    help="freeze plan: released, paper or full (default: card, else released)")
     p.add_argument("--blocks", type=non_negative_int,
                    help="main blocks trained at each end (default: card, else the paper's n = 5)")
-    p.add_argument("--head-widths", help="Detailer Head channels per stage (default: card, else 64,128,256,512)")
+    p.add_argument("--head", choices=HEAD_LAYOUTS,
+                   help="Detailer Head layout: 1k (default: card, else 1k), or a high-resolution model's (4k, 8k, "
+                        "10k: deeper heads for 4, 8, 10 x the native side at the native token grid), which also sets "
+                        "that model's recipe where no flag does: its --patch, --train-grid 1000, --fresh-noise and "
+                        "--image-size (4k, 10k) or --max-pixels (8k)")
+    p.add_argument("--head-widths", help="Detailer Head channels per stage of the 1K head, which the high-resolution "
+                                         "layouts extend (default: card, else 64,128,256,512)")
     p.add_argument("--init", default="transfer",
                    help="transfer: copy the source's weights (L2P); scratch: the same architecture at random init; "
-                        "or an L2P checkpoint / run folder to continue from (e.g. a 1K model for 4K training)")
-    p.add_argument("--patch", type=positive_int, default=transfer.PIXEL_PATCH,
-                   help="pixel patch to train at: 16 at the native size; 64 at 4x keeps the token grid (paper 4K)")
+                        "or an L2P checkpoint / run folder to continue from (e.g. a 1K model for 4K training; with "
+                        "another --head layout, every tensor whose name and shape it holds is copied)")
+    p.add_argument("--patch", type=positive_int,
+                   help="pixel patch to train at: 16 at the native size (default); 64 at 4x keeps the token grid "
+                        "(paper 4K); default with --head: that model's (64, 128, 160)")
     p.add_argument("--patch-init", default="downsampled", choices=("downsampled", "random"),
-                   help="a new large-patch embedder: the 16-px one on area-downsampled pixels, or default init")
+                   help="a new large-patch embedder: a smaller trained one (16 px; 64 px for 8K) on area-downsampled "
+                        "pixels, or default init (a new model from a latent source has its own at default init)")
     p.add_argument("--head-tile", type=positive_int, help="Detailer Head tile in pixels (bounds full-resolution memory)")
     p.add_argument("--output", default="detailer", choices=("detailer", "linear"),
                    help="detailer: the Detailer Head (L2P); linear: a per-patch linear output layer instead")
     p.add_argument("--train-shift", type=positive_float, default=TRAIN_SHIFT,
                    help="shift of the training sigma grid (the released 3; lower trains more at low noise)")
+    p.add_argument("--train-grid", type=positive_int,
+                   help=f"points of the training sigma grid (default {TRAIN_GRID} as the 1K release; --head 4k / 8k / "
+                        f"10k: {HIGH_RES_GRID} as theirs)")
     p.add_argument("--timesteps", choices=TIMESTEP_RULES,
                    help="exact (default for a new model): the model sees exact times and sigma is uniform on the grid; "
                         "official: as the released code trains, times rounded to bfloat16 and sigma snapped to the "
                         "252 grid points that rounding reaches (Z-Image only). Recorded, and sampling uses the same. "
                         "Default with --init CKPT: that model's rule")
-    p.add_argument("--fresh-noise", action="store_true", help="new noise every step instead of one per image")
+    p.add_argument("--fresh-noise", action=argparse.BooleanOptionalAction,
+                   help="new noise every step instead of one per image (default: off; --head 4k / 8k / 10k: on)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order, sigmas and new layers' init")
     p.add_argument("--grad-ckpt", default="auto", choices=("auto", "on", "off"),
                    help="gradient checkpointing: auto (on with CUDA), on, off")
@@ -798,21 +846,38 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_head_widths(text: str) -> HeadConfig:
+def parse_head(layout: str, text: str) -> HeadConfig:
+    """--head and --head-widths -> the head (model.head_layout)."""
     try:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
         widths = ()
     if len(widths) != len(HEAD_WIDTHS) or min(widths) < 1:
         raise ValueError(f"--head-widths {text!r}: expected {len(HEAD_WIDTHS)} comma-separated positive integers")
-    return HeadConfig.from_widths(widths)
+    if layout != "1k" and widths[0] % 4:
+        raise ValueError(f"--head-widths {text!r}: --head {layout} has outer levels a quarter and a half of the first "
+                         "width, so it must be a multiple of 4")
+    return head_layout(layout, widths)
+
+
+def resolved_args(argv=None) -> argparse.Namespace:
+    """The flags, with every unset one filled: the recipe card's, else the paper's; for a high-resolution head its
+    own recipe (high_res_recipe); an --init run keeps its head layout unless --head says otherwise."""
+    args = parse_args(argv)
+    card = hub.recipe_card(args.ckpt)
+    if args.head is None and args.init not in ("transfer", "scratch"):  # an earlier stage keeps its own layout
+        args.head = transfer.peek_config(args.init).head.layout
+    runtime.fill_unset(args, hub.recipe_defaults(card, "train", PAPER_DEFAULTS))
+    if args.head != "1k":
+        runtime.fill_unset(args, high_res_recipe(args.head, card.get("size", [hub.DEFAULT_SIZE])[0]))
+    runtime.fill_unset(args, BASE_DEFAULTS)
+    return args
 
 
 def train(argv=None) -> dict:
     """Returns {"step", "losses": [per-step loss averaged over ranks], "out", "stopped": the signal that stopped
     the run early, or None}."""
-    args = parse_args(argv)
-    runtime.fill_unset(args, hub.recipe_defaults(hub.recipe_card(args.ckpt), "train", PAPER_DEFAULTS))
+    args = resolved_args(argv)
     if args.dry_run:
         return dry_run(args)
     planning = [flag for flag in ("world_size", "h", "w", "gpu_memory") if getattr(args, flag) is not None]
@@ -822,10 +887,15 @@ def train(argv=None) -> dict:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.world_size, args.global_batch = world, world * args.batch_size
     plan = transfer.make_plan(args.freeze, args.blocks)
-    head = parse_head_widths(args.head_widths)
+    head = parse_head(args.head, args.head_widths)
     if args.head_tile and args.head_tile % head.cell:
         raise ValueError(f"--head-tile {args.head_tile}: must be a multiple of {head.cell}")
-    corpus = Corpus(args.data, args.patch, args.max_pixels, need_seeds=not args.fresh_noise)
+    # every side a multiple of the patch (the token grid) and of the head's cell (its bottleneck grid)
+    multiple = math.lcm(args.patch, head.cell)
+    if args.image_size and args.image_size % multiple:
+        raise ValueError(f"--image-size {args.image_size}: must be a multiple of {multiple} (the {args.patch}-px patch "
+                         f"and the {args.head} head's {head.cell}-px cell)")
+    corpus = Corpus(args.data, multiple, args.max_pixels, need_seeds=not args.fresh_noise, size=args.image_size)
     if len(corpus.sizes) > 1 and args.batch_size > 1:
         raise ValueError(f"--data {args.data}: images train at {len(corpus.sizes)} sizes (e.g. {corpus.sizes[:3]}) "
                          "and a batch needs one: use --batch-size 1 (per GPU, as the paper)")
@@ -851,12 +921,18 @@ def train(argv=None) -> dict:
 def build_model(args, plan, head, source, device, compute_dtype, verbose: bool):
     """source -> transfer (or an earlier L2P stage), with the patch embedder to train. Trained tensors in float32
     (master weights), and those an earlier stage trained; other frozen ones in the compute dtype. Returns the
-    model and the names of frozen tensors the checkpoints keep (what an earlier stage changed)."""
+    model and the names of frozen tensors the checkpoints keep (what an earlier stage changed).
+
+    A high-resolution head layout holds one embedder, its patch's, as the releases do. An earlier stage of
+    another layout (1K -> 4K, 4K -> 8K or 10K) passes on every tensor whose name and shape fit (transfer.inherit);
+    its embedder first grows the new patch (downsampled from a dividing one, or --patch-init random)."""
     keep, full_precision = (), set()
+    high_res = head.layout not in (None, "1k")
+    patches = (args.patch,) if high_res else (transfer.PIXEL_PATCH,)
     if args.init in ("transfer", "scratch"):
         model = transfer.transfer(source.transformer, plan, head, seed=args.seed, verbose=verbose,
                                   copy=args.init == "transfer", output=args.output,
-                                  timestep_rule=args.timesteps or "exact")
+                                  timestep_rule=args.timesteps or "exact", patches=patches)
     else:
         model, meta = transfer.load_pixel_model(args.init, torch.float32, device)
         recorded = meta["source"].get("transformer_sha256")
@@ -871,6 +947,12 @@ def build_model(args, plan, head, source, device, compute_dtype, verbose: bool):
             keep = full_precision = transfer.tensor_names(transfer.checkpoint_file(args.init, ema=False))
         else:
             keep = set(dict(model.named_parameters()))
+        if head.layout != model.cfg.head.layout:
+            grown = transfer.add_patch_sizes(model, (args.patch,), args.patch_init)
+            cfg = replace(model.cfg, head=head, patches=patches if high_res else grown.cfg.patches)
+            model = transfer.inherit(grown, cfg, seed=args.seed, verbose=verbose)
+            names = set(dict(model.named_parameters()))
+            keep, full_precision = keep & names, full_precision & names
         transfer.apply_freeze_plan(model, plan)
     model = transfer.add_patch_sizes(model, (args.patch,), args.patch_init)
     model.head_tile = args.head_tile
@@ -943,7 +1025,7 @@ def load_batch(corpus: Corpus, batch, args, step: int, sigmas: torch.Tensor):
     """Images, sigmas and noise of this rank's share of a step, every draw from (seed, step, position)."""
     x0 = torch.stack([corpus.image(i) for _, i in batch])
     draws = [torch.Generator().manual_seed(sample_seed(args.seed, step, position)) for position, _ in batch]
-    sigma = torch.stack([sigmas[torch.randint(TRAIN_GRID, (), generator=g)] for g in draws])
+    sigma = torch.stack([sigmas[torch.randint(len(sigmas), (), generator=g)] for g in draws])
     if args.fresh_noise:
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in draws])
     else:  # one noise per image, salted so it is not the noise its seed gave the source when synthesising it
@@ -956,7 +1038,7 @@ def run_steps(args, step, net, model, plan, source, optimizer, ema, corpus, text
               rank, world, stop, keep=()) -> list[float]:
     """The training loop from `step` to --steps; returns the per-step losses averaged over ranks."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    sigmas = training_sigmas(args.train_shift, model.cfg.timestep_rule)
+    sigmas = training_sigmas(args.train_shift, model.cfg.timestep_rule, args.train_grid)
     # bf16/fp16 autocast (on CUDA by default; `--dtype bf16` runs the same path on CPU)
     autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
     losses, tick, tick_step, saved_step = [], time.time(), step, step

@@ -12,8 +12,10 @@
                 (those nearest the output). SD3's and FLUX's embedders are time_text_embed and context_embedder.
     checkpoints: safetensors holding the trained tensors only, with the pixel config, the freeze plan and the
                 source's id, revision and weight hash in the metadata; loaded as source + trained tensors with
-                no merge step. `export` writes one standalone file; the official release file
-                (zhen-nan/L2P, model-1k-merge.safetensors) loads too.
+                no merge step. `export` writes one standalone file; the official release files load too
+                (zhen-nan/L2P, model-1k-merge.safetensors; HaojunChen/PixVerve-L2P, l2p_{4k,8k,10k}_sft).
+    inherit:    a model of a higher-resolution layout started from a lower one (1K -> 4K -> 8K or 10K), every
+                tensor whose name and shape fit copied, as the authors start their 8K and 10K models.
 
     python transfer.py --ckpt Tongyi-MAI/Z-Image-Turbo                   # parameter counts of the plan
     python transfer.py --export out/run --out l2p-standalone.safetensors  # one file, no source needed
@@ -21,6 +23,7 @@
 
 import argparse
 import json
+import re
 from copy import deepcopy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,13 +34,21 @@ from safetensors.torch import save_file
 
 import hub
 import runtime
-from model import (RGB_CHANNELS, FluxDiT, HeadConfig, HeadLevel, PixelConfig, PixelDiT, SD3MMDiT, ZImageConfig,
-                   ZImageDiT, backbone_family)
+from model import (RGB_CHANNELS, DetailerHead, FluxDiT, HeadConfig, HeadLevel, PixelConfig, PixelDiT, SD3MMDiT,
+                   ZImageConfig, ZImageDiT, backbone_family)
 
 PIXEL_PATCH = 16  # 16x16 RGB patches: the same token grid as the latent model (VAE 8x, DiT patch 2)
 CHECKPOINT_FORMAT = "l2p/2"  # l2p/1 stored the pixel config in an older layout
 DEFAULT_RUN = Path("runs/l2p")  # where train.py writes and sample.py reads by default
-OFFICIAL_TEXT_SOURCE = "Tongyi-MAI/Z-Image-Turbo"  # the release holds the DiT only; its text side is the source's
+# The releases hold the DiT only; the text side is their source's: Z-Image-Turbo for the 1K release, Z-Image (Base)
+# for the 4K, 8K and 10K ones (their README and training scripts; both have the same text encoder and tokenizer
+# layout).
+OFFICIAL_TEXT_SOURCE = "Tongyi-MAI/Z-Image-Turbo"
+HIGH_RES_TEXT_SOURCE = "Tongyi-MAI/Z-Image"
+# The RGB patch of each released model (model.HEAD_LAYOUTS): the one that keeps its DiT at the 1K model's 64 x 64
+# token grid at its size (1024, 4096, 8192, 10240 px; the all_patch_size of each in the high-resolution code's
+# model_configs.py).
+LAYOUT_PATCHES = {"1k": 16, "4k": 64, "8k": 128, "10k": 160}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,13 +140,14 @@ def pixel_config(source, head: HeadConfig = HeadConfig(), patches=(PIXEL_PATCH,)
 
 def transfer(source: ZImageDiT | SD3MMDiT | FluxDiT, plan: FreezePlan = FreezePlan(), head: HeadConfig = HeadConfig(),
              seed: int = 0, verbose: bool = True, copy: bool = True, output: str = "detailer",
-             timestep_rule: str = "exact") -> PixelDiT:
+             timestep_rule: str = "exact", patches: tuple[int, ...] = (PIXEL_PATCH,)) -> PixelDiT:
     """L2P's transfer (paper 3.3; the released L2P_convert_weight.py does the same): a copy of the source
-    transformer loses its latent patch embedder and final layer, gains a 16-px RGB patch embedder and the
-    Detailer Head at PyTorch's default init (seeded), and keeps every other tensor bit for bit, in the source's
-    dtype and on its device (new tensors are float32). Then the freeze plan. The source module is not changed.
-    copy=False builds the same architecture at random init instead: the from-scratch baseline."""
-    cfg = pixel_config(source.cfg, head, output=output, timestep_rule=timestep_rule)
+    transformer loses its latent patch embedder and final layer, gains an RGB patch embedder (16 px; a
+    high-resolution model's own, e.g. 64 px at 4K) and the Detailer Head at PyTorch's default init (seeded), and
+    keeps every other tensor bit for bit, in the source's dtype and on its device (new tensors are float32). Then
+    the freeze plan. The source module is not changed. copy=False builds the same architecture at random init
+    instead: the from-scratch baseline."""
+    cfg = pixel_config(source.cfg, head, patches, output=output, timestep_rule=timestep_rule)
     torch.manual_seed(seed)
     model = PixelDiT(cfg, backbone=deepcopy(source) if copy else None)
     model.to(next(source.parameters()).device)
@@ -145,40 +157,50 @@ def transfer(source: ZImageDiT | SD3MMDiT | FluxDiT, plan: FreezePlan = FreezePl
         copied = [k for k in ours if k in theirs and copy]
         dropped = sorted({k.split(".")[0] for k in theirs if k not in ours})
         print(f"transfer: copied {len(copied)} source tensors, dropped the latent {' and '.join(dropped)}; new: the "
-              f"{PIXEL_PATCH}-px RGB embedder and {'the Detailer Head' if output == 'detailer' else 'a linear output'}")
+              f"{'/'.join(map(str, patches))}-px RGB embedder and "
+              f"{'the Detailer Head' if output == 'detailer' else 'a linear output'}")
         print(f"transfer: trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
     return model
 
 
-def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A P-px patch embedder that starts as the 16-px embedding of the patch area-averaged down to 16 x 16.
+def downsampled_embedder(weight: torch.Tensor, bias: torch.Tensor, patch: int,
+                         base: int = PIXEL_PATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """A P-px patch embedder that starts as a trained B-px one (16 px, or 64 px for 4K -> 8K) embedding the patch
+    area-averaged down to B x B.
 
-    Averaging k x k pixels (k = P / 16) is linear, so W_P[:, (i, j, c)] = W_16[:, (i // k, j // k, c)] / k^2
+    Averaging k x k pixels (k = P / B) is linear, so W_P[:, (i, j, c)] = W_B[:, (i // k, j // k, c)] / k^2
     in the (ph, pw, c) patch order, and the bias stays. The transformer then sees a large-patch image as it
-    saw its 16-px tokens, and training starts from there (compared with random init in the toy world).
+    saw its B-px tokens, and training starts from there (compared with random init in the toy world).
     """
-    k = patch // PIXEL_PATCH
-    if patch % PIXEL_PATCH or k < 1:
-        raise ValueError(f"patch {patch} is not a multiple of {PIXEL_PATCH} (train it with --patch-init random)")
-    w = weight.reshape(weight.shape[0], PIXEL_PATCH, PIXEL_PATCH, -1)  # (dim, ph, pw, c)
+    k = patch // base
+    if patch % base or k < 1:
+        raise ValueError(f"patch {patch} is not a multiple of {base} (train it with --patch-init random)")
+    w = weight.reshape(weight.shape[0], base, base, -1)  # (dim, ph, pw, c)
     w = w.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2) / k**2
     return w.reshape(weight.shape[0], -1), bias.clone()
 
 
 def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "downsampled") -> PixelDiT:
-    """A pixel model with embedders for more patch sizes; new ones start from the 16-px embedder (see
-    downsampled_embedder), or with init="random" at PyTorch's default init. Existing ones are kept."""
+    """A pixel model with embedders for more patch sizes; new ones start from the largest embedder whose patch
+    divides theirs (see downsampled_embedder), or with init="random" at PyTorch's default init. Existing ones are
+    kept."""
     have = model.cfg.patches
     patches = tuple(sorted(set(have) | set(patches)))
     if patches == have:
         return model
     state, trains = model.state_dict(), {n: p.requires_grad for n, p in model.named_parameters()}
-    base = model.backbone.all_x_embedder[f"{PIXEL_PATCH}-1"]
     for patch in sorted(set(patches) - set(have)):
+        bases = [p for p in have if patch % p == 0]
         if init == "downsampled":
-            w, b = downsampled_embedder(base.weight.data, base.bias.data, patch)
+            if not bases:
+                raise ValueError(f"patch {patch}: no embedder of this model ({', '.join(map(str, have))} px) divides "
+                                 "it to derive it from (train it with --patch-init random)")
+            base = model.backbone.all_x_embedder[f"{max(bases)}-1"]
+            w, b = downsampled_embedder(base.weight.data, base.bias.data, patch, max(bases))
         else:
-            fresh = torch.nn.Linear(patch * patch * RGB_CHANNELS, base.out_features, device=base.weight.device)
+            any_embedder = next(iter(model.backbone.all_x_embedder.values()))
+            fresh = torch.nn.Linear(patch * patch * RGB_CHANNELS, any_embedder.out_features,
+                                    device=any_embedder.weight.device)
             w, b = fresh.weight.data, fresh.bias.data
         state |= {f"backbone.all_x_embedder.{patch}-1.weight": w, f"backbone.all_x_embedder.{patch}-1.bias": b}
     with torch.device("meta"):
@@ -188,6 +210,45 @@ def add_patch_sizes(model: PixelDiT, patches: tuple[int, ...], init: str = "down
     for name, p in bigger.named_parameters():  # the model's trained / frozen split; new embedders train
         p.requires_grad_(trains.get(name, True))
     return bigger
+
+
+def matching_tensors(old: dict, new: dict) -> list[str]:
+    """The names of `new` that `old` holds with the same shape (both map names to tensors or shapes)."""
+    return [k for k, v in new.items() if k in old and tuple(old[k].shape) == tuple(v.shape)]
+
+
+def module_names(names) -> list[str]:
+    """"enc4", "all_x_embedder.64-1", ...: the modules of a pixel model's tensor names, for messages."""
+    return sorted({re.sub(r"(\.[01])?\.(weight|bias)$", "", n.split(".", 1)[1]) for n in names})
+
+
+def inherit(model: PixelDiT, cfg: PixelConfig, seed: int = 0, verbose: bool = True) -> PixelDiT:
+    """A pixel model of another head layout or patch that starts from `model`, as the authors start a
+    higher-resolution model from a lower one's merged weights (their L2P_convert_weight.py and README): every
+    tensor whose name and shape `model` holds is copied bit for bit, the others start at PyTorch's default init
+    (seeded) as a new head and embedder do in `transfer`, and what the new layout lacks is dropped. 4K -> 8K keeps
+    the whole 4K head; 4K -> 10K leaves bottleneck and up3 (other shapes) at init and drops enc4, up4 and dec4.
+    Only the head and the embedders may differ: the backbone is the same."""
+    if cfg.backbone != model.cfg.backbone or cfg.output != "detailer":
+        raise ValueError("inherit: the new pixel config must keep the model's backbone and its Detailer Head output")
+    old = model.state_dict()
+    device, dim = next(model.parameters()).device, cfg.backbone.dim
+    torch.manual_seed(seed)
+    fresh = {f"detailer_head.{k}": v for k, v in DetailerHead(cfg.head, dim).state_dict().items()}
+    for p in cfg.patches:
+        embedder = torch.nn.Linear(p * p * RGB_CHANNELS, dim)
+        fresh |= {f"backbone.all_x_embedder.{p}-1.{k}": v for k, v in embedder.state_dict().items()}
+    with torch.device("meta"):
+        new = PixelDiT(cfg)
+    shapes = new.state_dict()
+    kept = set(matching_tensors(old, shapes))
+    new.load_state_dict({k: old[k] if k in kept else fresh[k].to(device) for k in shapes}, assign=True)
+    new.head_tile = model.head_tile
+    if verbose:
+        print(f"inherit: copied {len(kept)} of {len(shapes)} tensors; at init: "
+              f"{', '.join(module_names(shapes.keys() - kept)) or 'none'}; dropped: "
+              f"{', '.join(module_names(old.keys() - shapes.keys())) or 'none'}")
+    return new
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,6 +332,11 @@ def official_config(tensors: dict[str, torch.Tensor]) -> PixelConfig:
     return pixel_config(source, head_config_from_tensors(tensors), (patch,), timestep_rule="official")
 
 
+def official_source(patch: int) -> str:
+    """The text side's source of a release, by its patch: the 1K release's (16 px) or the high-resolution ones'."""
+    return OFFICIAL_TEXT_SOURCE if patch == PIXEL_PATCH else HIGH_RES_TEXT_SOURCE
+
+
 def is_official_release(tensors: dict) -> bool:
     embedders = [k for k in tensors if k.startswith("all_x_embedder.") and k.endswith(".weight")]
     return any(k.startswith("local_decoder.") for k in tensors) and len(embedders) == 1
@@ -314,9 +380,9 @@ def step_checkpoint(step_dir: Path, ema: bool = True) -> Path:
 
 
 def source_of(ckpt: str) -> str:
-    """The source id an L2P checkpoint records (the release: Z-Image-Turbo), from metadata only."""
+    """The source id an L2P checkpoint records (a release: official_source), from metadata or shapes only."""
     meta = read_metadata(checkpoint_file(ckpt))
-    return meta["source"]["id"] if meta else OFFICIAL_TEXT_SOURCE
+    return meta["source"]["id"] if meta else official_source(peek_config(ckpt).patches[0])
 
 
 def peek_config(ckpt: str) -> PixelConfig:
@@ -349,10 +415,10 @@ def load_pixel_model(ckpt: str, dtype: torch.dtype = torch.float32, device="cpu"
         cfg = PixelConfig.from_dict(meta["config"])
     elif is_official_release(tensors):
         cfg, tensors = official_config(tensors), from_official(tensors)
-        meta = {"kind": "official", "source": {"id": OFFICIAL_TEXT_SOURCE, "revision": None}}
+        meta = {"kind": "official", "source": {"id": official_source(cfg.patches[0]), "revision": None}}
     else:
         raise hub.CheckpointError(f"{path}: not an L2P checkpoint (no l2p metadata, and no local_decoder.* and "
-                                  f"all_x_embedder.{PIXEL_PATCH}-1.weight keys of the official release)")
+                                  "all_x_embedder.{P}-1.weight keys of the official releases)")
     if source:
         meta["source"] = {"id": source, "revision": None}
     model = hub.load_module(lambda: PixelDiT(cfg), tensors, path, dtype, device)

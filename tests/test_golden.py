@@ -22,7 +22,7 @@ import hub
 import sample
 import transfer
 from fixtures import tiny_qwen3, to_official
-from model import FluxConfig, FluxDiT, PixelDiT, ZImageConfig, ZImageDiT
+from model import HEAD_WIDTHS, FluxConfig, FluxDiT, PixelDiT, ZImageConfig, ZImageDiT, head_layout
 from tokenizer import (CLIP_DEFAULT_SPECIALS, T5_DEFAULT_SPECIALS, CLIPTextConfig, Qwen3Config, Qwen3TextEncoder,
                        T5Config, VAEConfig, special_tokens)
 
@@ -35,6 +35,7 @@ ZIMAGE_TRANSFORMER = f"{ZIMAGE}/transformer/DERIVED_tensor_shapes.json"
 ZIMAGE_TEXT_ENCODER = f"{ZIMAGE}/text_encoder/DERIVED_tensor_shapes.json"
 ZIMAGE_ORIGINAL = f"{ZIMAGE}/single_file_keys/invokeai_z_image_transformer_comfyui_keys.json"
 L2P_RELEASE = "L2P/DERIVED_model-1k-merge.tensor_shapes.json"
+HR_RELEASES = {layout: f"L2P-HR/L2P-{layout.upper()}.tensor_shapes.json" for layout in ("4k", "8k", "10k")}
 FLUX_BFL = f"{FLUX_DEV}/single_file_keys/DERIVED_flux1-dev.safetensors.tensor_shapes.json"
 FLUX_INDEX = f"{FLUX_DEV}/transformer/diffusion_pytorch_model.safetensors.index.json.gz"
 FLUX_INT8 = f"{FLUX_DEV}/single_file_keys/invokeai_flux1_dev_int8_convrot_keys.json"
@@ -44,6 +45,10 @@ PUBLISHED_HASHES = {
     ZIMAGE_TRANSFORMER: "fc3a8a1247fe185ce116ccbe0e426c28",  # "z_image_dit", Tongyi-MAI/Z-Image-Turbo transformer
     ZIMAGE_TEXT_ENCODER: "0f050f62a88876fea6eae0a18dac5a2e",  # "z_image_text_encoder"
     L2P_RELEASE: "577b2d3e0acea1fb784ca600f966805e",  # "z_image_dit_L2P", zhen-nan/L2P model-1k-merge.safetensors
+    # "z_image_L2P_series" of the high-resolution code's model_configs.py: HaojunChen/PixVerve-L2P l2p_*_sft.safetensors
+    HR_RELEASES["4k"]: "69e8fd5b562ea858b9f864508c1263b3",
+    HR_RELEASES["8k"]: "df0e4e865d39501e2fe96c7ea8aa40f6",
+    HR_RELEASES["10k"]: "e6094ba663b7c10011eb47db072ead0b",
     FLUX_BFL: "a29710fea6dddb0314663ee823598e50",  # "flux_dit", black-forest-labs/FLUX.1-dev flux1-dev.safetensors
 }
 STACKS = ("layers", "noise_refiner", "context_refiner")  # Z-Image's numbered block lists
@@ -107,7 +112,8 @@ def diffsynth_hash(named_shapes: dict) -> str:
 def test_derived_lists_hash_to_the_published_model_hash(path):
     # What makes a DERIVED list trustworthy (tests/golden/SOURCES.md); it also catches a damaged copy
     assert diffsynth_hash(golden(path)["tensors"]) == PUBLISHED_HASHES[path]
-    assert len(golden(path)["tensors"]) == golden(path)["_num_tensors"]
+    if "_num_tensors" in golden(path):  # the high-resolution lists record their hash, not a count
+        assert len(golden(path)["tensors"]) == golden(path)["_num_tensors"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,6 +194,70 @@ def test_official_l2p_release():
     assert cfg == replace(turbo, backbone=replace(turbo.backbone, axes_lens=cfg.backbone.axes_lens))
     # the fake release test_recipe.py samples from is written under these names
     assert shape_diff(to_official(model.state_dict()), shapes(L2P_RELEASE)) == []
+
+
+def release_config(path: str) -> tuple[dict[str, torch.Tensor], "transfer.PixelConfig"]:
+    release = meta_tensors(shapes(path))
+    assert transfer.is_official_release(release)
+    return release, transfer.official_config(release)
+
+
+@pytest.mark.parametrize("layout", HR_RELEASES)
+def test_high_resolution_releases(layout):
+    """HaojunChen/PixVerve-L2P's l2p_{4k,8k,10k}_sft.safetensors (557, 563, 557 tensors): recognised, patch and
+    head read from their shapes, mapped exactly onto our PixelDiT at that real config. The head is our
+    head_layout at the releases' widths, stage by stage, the backbone the 1K release's, and
+    the text side Z-Image (Base)'s."""
+    release, cfg = release_config(HR_RELEASES[layout])
+    assert cfg.patches == (transfer.LAYOUT_PATCHES[layout],) and cfg.timestep_rule == "official"
+    assert cfg.head == head_layout(layout, HEAD_WIDTHS) and cfg.head.layout == layout
+    assert cfg.backbone == release_config(L2P_RELEASE)[1].backbone
+    assert transfer.official_source(cfg.patches[0]) == "Tongyi-MAI/Z-Image"
+    model = conforms(lambda: PixelDiT(cfg), transfer.from_official(release))
+    assert shape_diff(to_official(model.state_dict()), shapes(HR_RELEASES[layout])) == []
+
+
+@pytest.mark.parametrize("layout, stage, shape", [
+    ("4k", "local_decoder.dec1.0.weight", (64, 128, 3, 3)),  # 1K's dec1 (the 4K head narrows it to 32)
+    ("8k", "local_decoder.dec_8k.0.weight", (16, 32, 3, 3)),  # without the 3-channel wrapper skip
+    ("10k", "local_decoder.up3.1.weight", (256, 256, 3, 3)),  # the 4K head's up3 (10K's takes the 512 bottleneck)
+    ("10k", "local_decoder.bottleneck.0.weight", (512, 4352, 1, 1)),  # pooled 512 + features: 4K's
+])
+def test_a_changed_stage_of_a_high_resolution_list_fails(layout, stage, shape):
+    """A copy of a list with one stage's shape changed fails against our model at the real config (naming the
+    stage), and through the loader's own path too, where the config is read from the changed shapes."""
+    real = shapes(HR_RELEASES[layout])
+    changed = meta_tensors(real | {stage: shape})
+    _, cfg = release_config(HR_RELEASES[layout])
+    named = stage.removeprefix("local_decoder.")
+    with pytest.raises(hub.CheckpointError, match=rf"1 tensor shape\(s\) differ.*{named}"):
+        conforms(lambda: PixelDiT(cfg), transfer.from_official(changed))
+    with pytest.raises(hub.CheckpointError, match=r"tensor shape\(s\) differ"):
+        conforms(lambda: PixelDiT(transfer.official_config(changed)), transfer.from_official(changed))
+    assert shape_diff(changed, real) == [f"{stage}: ours {shape}, real {real[stage]}"]
+
+
+# What a higher-resolution release takes from a lower one when started from it (transfer.inherit): the modules
+# left at init (in the new file with no tensor of that name and shape in the old one) and those dropped
+INHERITANCE = [
+    ("1k", "4k", ["all_x_embedder.64-1", "dec0", "dec0b", "dec1", "enc0", "enc0b", "enc1", "out_conv", "up0", "up0b"],
+     ["all_x_embedder.16-1"]),
+    ("4k", "8k", ["all_x_embedder.128-1", "dec_8k", "enc_8k", "up_8k"], ["all_x_embedder.64-1"]),
+    ("4k", "10k", ["all_x_embedder.160-1", "bottleneck", "dec_10k_a", "enc_10k_a", "up3", "up_10k_a"],
+     ["all_x_embedder.64-1", "dec4", "enc4", "up4"]),
+]
+
+
+@pytest.mark.parametrize("low, high, at_init, dropped", INHERITANCE)
+def test_what_a_release_inherits_from_a_lower_resolution_one(low, high, at_init, dropped):
+    """On the real lists, in our names: every backbone tensor and the shared head stages carry over (4K -> 8K the
+    whole 4K head; 4K -> 10K all but bottleneck and up3, whose shapes differ, and the missing level 4)."""
+    lists = {"1k": L2P_RELEASE} | HR_RELEASES
+    old, new = (transfer.from_official(meta_tensors(shapes(lists[layout]))) for layout in (low, high))
+    kept = transfer.matching_tensors(old, new)
+    assert transfer.module_names(new.keys() - set(kept)) == at_init
+    assert transfer.module_names(old.keys() - new.keys()) == dropped
+    assert all(k in kept for k in new if k.startswith("backbone.") and "all_x_embedder" not in k)
 
 
 # ----------------------------------------------------------------------------------------------------

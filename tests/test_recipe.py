@@ -349,8 +349,9 @@ def test_run_with_a_small_patch_loads_and_samples(pipeline_dir, corpus, tmp_path
     sample.main(["--ckpt", str(out), "--prompt", "a red circle", *SIZE, "--patch", "8", "--steps", "2",
                  "--out", str(png)])
     assert Image.open(png).size == (int(SIZE[3]), int(SIZE[1]))
-    with pytest.raises(ValueError, match=r"--patch 24: the model has no embedder for it \(trained: \[8, 16\]\)"):
-        sample.main(["--ckpt", str(out), "--prompt", "a red circle", "--h", "48", "--w", "96", "--patch", "24",
+    with pytest.raises(ValueError, match=r"--patch 20: the model has no embedder for it \(trained: \[8, 16\]\), "
+                                         r"and only multiples of a trained patch derive from one"):
+        sample.main(["--ckpt", str(out), "--prompt", "a red circle", "--h", "80", "--w", "160", "--patch", "20",
                      "--out", str(png)])
 
 

@@ -351,7 +351,7 @@ def test_evaluate_reports_shapeeval_and_image_quality():
     scores, _, _ = shapes.evaluate(model(0.2), specs, 1, 1, 1.0, None)
     assert scores["overall"] == 1.0 and scores[shapes.QUALITY] > 1.0
     assert shapes.parse_args(["eval"]).judge == "geneval"
-    assert shapes.parse_args(["claims", "--judge", "colour"]).judge == "colour"
+    assert shapes.parse_args(["eval", "--judge", "colour"]).judge == "colour"
 
 
 def test_real_corpus_has_synths_layout(tmp_path):

@@ -34,8 +34,7 @@ def measure(argv: list[str]) -> dict:
     """{"parts": measured bytes per part of the plan, "caption_tokens": the longest caption of this rank's batch,
     "frozen_kept": whether every frozen tensor kept its bits through the step}. Activations are measured only when
     the model is not sharded (FSDP's gathered blocks would count as activations)."""
-    args = train.parse_args(argv)
-    runtime.fill_unset(args, hub.recipe_defaults(hub.recipe_card(args.ckpt), "train", train.PAPER_DEFAULTS))
+    args = train.resolved_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.world_size, args.global_batch = world, world * args.batch_size
     device, compute_dtype = runtime.pick_device_dtype(args.device, args.dtype)
@@ -43,7 +42,7 @@ def measure(argv: list[str]) -> dict:
     if sharded:
         dist.init_process_group("gloo")
     try:
-        plan, head = transfer.make_plan(args.freeze, args.blocks), train.parse_head_widths(args.head_widths)
+        plan, head = transfer.make_plan(args.freeze, args.blocks), train.parse_head(args.head, args.head_widths)
         source = hub.load_pipeline(args.ckpt, compute_dtype, device, parts=("transformer",))
         corpus = train.Corpus(args.data, args.patch, args.max_pixels)
         model, _ = train.build_model(args, plan, head, source, device, compute_dtype, verbose=False)
