@@ -358,11 +358,8 @@ BLOCK_ACTIVATIONS = 12  # (tokens x dim) tensors alive inside a block: residual,
 HEAD_SHARE = 0.25  # of the memory budget, for the Detailer Head's full-resolution activations (and attention's)
 TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128)
 
-# On a CPU the head tile stays at most this, whatever the memory budget allows: large tiles are slow there.
-# Toy model at 4096^2, bf16, 2-core Xeon, the head alone (CFG batch), before huge pages: tile 2048 10.5 s,
-# 1024 6.9 s, 512 5.7 s, 256 6.4 s (every large block mapped fresh; smaller tiles recompute more of the 64-px
-# halo); whole 3-5-step runs put 512 within 2-9% of 1024, and with glibc's freed memory kept for reuse (a
-# retired option) 1024 was the faster.
+# On a CPU the head tile stays at most this, whatever the memory budget allows: larger tiles were slower there, as
+# every large block is mapped fresh, and smaller ones recompute more of the halo (docs/performance.md, "Memory").
 CPU_HEAD_TILE = 1024
 
 
