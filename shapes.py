@@ -929,9 +929,9 @@ def claims_command(args) -> list[dict]:
         print(f"[claims] row {k}/{len(CLAIMS)}: {name}; {done / 60:.0f} min so far"
               + (f", about {eta / 60:.0f} min to go" if eta else ""), file=sys.stderr)
         began = time.time()
-        if not (out / "scores.json").is_file():
-            train.train(["--ckpt", source, "--data", str(synthetic if data == "synthetic" else real), "--out",
-                         str(out), "--save-every", "500", "--log-every", "100", *flags, *row_flags])
+        if not (out / "scores.json").is_file():  # train.main: a signal saves the row's run and exits, unjudged
+            train.main(["--ckpt", source, "--data", str(synthetic if data == "synthetic" else real), "--out",
+                        str(out), "--save-every", "500", "--log-every", "100", *flags, *row_flags])
         model, _ = transfer.load_pixel_model(str(out))
         saved = transfer.tensor_names(transfer.checkpoint_file(str(out), ema=False))
         trained = sum(p.numel() for n, p in model.named_parameters() if n in saved)
@@ -978,10 +978,10 @@ def highres_command(args) -> list[dict]:
     for name, flags in HIGHRES_COMPARISONS[args.compare]:
         out = args.work / name.split(" (")[0].replace(" ", "-").replace(",", "").lower()
         start = time.time()
-        losses = train.train(["--init", str(args.init), "--ckpt", str(args.source), "--data", str(data),
-                              "--out", str(out), "--patch", str(patch), "--steps", str(args.steps), "--batch-size",
-                              str(args.batch_size), "--save-every", str(args.steps), "--log-every", "25",
-                              *flags])["losses"]
+        losses = train.main(["--init", str(args.init), "--ckpt", str(args.source), "--data", str(data),
+                             "--out", str(out), "--patch", str(patch), "--steps", str(args.steps), "--batch-size",
+                             str(args.batch_size), "--save-every", str(args.steps), "--log-every", "25",
+                             *flags])["losses"]
         logged = [json.loads(line)["step_s"] for line in (out / "log.jsonl").read_text().splitlines()]
         tenth = max(1, len(losses) // 10)  # mean losses of the first and the last tenth of the steps
         rows.append({"row": f"{args.steps} steps at {size} px, {name}", "wall s": f"{time.time() - start:.0f}",

@@ -1,5 +1,9 @@
 """The bundled toy source: a faithful diffusers folder that follows its prompts, and the recipe on it."""
 
+import json
+import signal
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -55,3 +59,23 @@ def test_reduced_recipe_transfer_reads_the_caption_and_scratch_does_not(tmp_path
     print(gaps)
     assert gaps["transfer", "paper"] > 1e-3
     assert gaps["transfer", "paper"] > 10 * max(abs(gaps["scratch", "full"]), abs(gaps["scratch", "paper"]))
+
+
+def test_a_signal_ends_the_claims_run_without_judging_the_unfinished_row(tmp_path, monkeypatch):
+    """A signal during a row's training: train.py saves the row's run, and the claims run must then exit with 128 + the
+    signal rather than judge the half-trained model and record its scores as the row's, which a rerun would keep."""
+    def synthesize(argv):  # the corpus's metadata as synth.py writes it: the claims read only the prompts
+        out, prompts = (Path(argv[argv.index(flag) + 1]) for flag in ("--out", "--prompts"))
+        out.mkdir(parents=True)
+        rows = [json.dumps({"prompt": p}) + "\n" for p in prompts.read_text().splitlines() for _ in range(2)]
+        (out / "metadata.jsonl").write_text("".join(rows))
+
+    monkeypatch.setattr(synth, "synthesize", synthesize)
+    monkeypatch.setattr(train, "train", lambda argv: {"step": 7, "losses": [0.5] * 7, "out": None,
+                                                      "stopped": signal.SIGTERM})
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "scores.json").write_text(json.dumps({"overall": 0.8}))  # the source row, judged before
+    with pytest.raises(SystemExit) as stop:
+        shapes.main(["claims", "--work", str(tmp_path), "--prompts", "4"])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert [p.parent.name for p in tmp_path.glob("*/scores.json")] == ["source"]
