@@ -124,7 +124,7 @@ def test_pixel_dry_run_estimates_memory(recipe_run, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_measured_peak_is_within_a_quarter_of_the_estimate(recipe_run, tmp_path):
+def test_measured_peak_is_at_most_a_quarter_over_the_estimate(recipe_run, tmp_path):
     """The estimate's bound at a size where the full-size images and the head tiles dominate: sample.py, in its own
     process (the peak is the process's maximum RSS), prints the estimate and the measured peak."""
     _, _, run = recipe_run
@@ -133,7 +133,10 @@ def test_measured_peak_is_within_a_quarter_of_the_estimate(recipe_run, tmp_path)
                              "--device", "cpu", "--dtype", "fp32"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     share = int(re.search(r"measured peak .*\((\d+)% of the estimate\)", result.stderr).group(1))
-    assert 75 <= share <= 125, result.stderr
+    # The bound users rely on is the upper one: sizes are refused by the estimate. The estimate runs high (freed
+    # pages are reused across phases): 84-88% measured alone, 74% for FLUX-dev (one image, no CFG batch) once in a
+    # full suite run, so the lower bound only catches an estimate that has come loose.
+    assert 65 <= share <= 125, result.stderr
 
 
 def test_dry_run_caps_the_head_tile_on_cpu(recipe_run, capsys):
