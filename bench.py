@@ -157,7 +157,22 @@ def bench_fsdp(args) -> list[dict]:
     plan = train.memory_plan(planned, set(), "fsdp", 1, args.size, args.size, 1, args.caption_tokens, dtype,
                              transfer.PIXEL_PATCH)
 
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    with runtime.process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1):
+        measured = fsdp_step(args, cfg, freeze, device, dtype)
+    plan["peak"] = train.peak_bytes(plan)
+    rows = [{"part": name, "plan GiB": plan[name] / 2**30,
+             "measured GiB": measured[name] / 2**30 if name in measured else "",
+             "measured / plan": measured[name] / plan[name] if name in measured and plan[name] else ""}
+            for name in plan]
+    rows.append({"part": f"step seconds ({device.type}, {str(dtype)[6:]})", "plan GiB": "", "measured GiB": measured["seconds"],
+                 "measured / plan": ""})
+    return rows
+
+
+def fsdp_step(args, cfg, freeze, device: torch.device, dtype: torch.dtype) -> dict:
+    """Two training steps of a random-weight pixel model under train.py's FSDP: the bytes held per part and the
+    peak after the second, and its seconds."""
+    cuda = device.type == "cuda"
     torch.manual_seed(0)  # random weights: the values do not change the memory
     with torch.device(device):
         model = PixelDiT(cfg)
@@ -189,19 +204,10 @@ def bench_fsdp(args) -> list[dict]:
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    measured = {"frozen weights": held_bytes(p for p in model.parameters() if not p.requires_grad),
-                "trained weights": held_bytes(trained), "gradients": gradients,
-                "optimizer state": held_bytes(t for s in optimizer.state.values() for t in s.values()),
-                "peak": runtime.peak_memory(device)}
-    dist.destroy_process_group()
-    plan["peak"] = train.peak_bytes(plan)
-    rows = [{"part": name, "plan GiB": plan[name] / 2**30,
-             "measured GiB": measured[name] / 2**30 if name in measured else "",
-             "measured / plan": measured[name] / plan[name] if name in measured and plan[name] else ""}
-            for name in plan]
-    rows.append({"part": f"step seconds ({device.type}, {str(dtype)[6:]})", "plan GiB": "", "measured GiB": seconds,
-                 "measured / plan": ""})
-    return rows
+    return {"frozen weights": held_bytes(p for p in model.parameters() if not p.requires_grad),
+            "trained weights": held_bytes(trained), "gradients": gradients,
+            "optimizer state": held_bytes(t for s in optimizer.state.values() for t in s.values()),
+            "peak": runtime.peak_memory(device), "seconds": seconds}
 
 
 FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),

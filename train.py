@@ -909,8 +909,7 @@ def train(argv=None) -> dict:
         resume_from = check_resume(out, args)
         if world > 1 or args.parallel == "fsdp":  # FSDP shards over a process group, even one of a single rank
             alone = {} if "MASTER_ADDR" in os.environ else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
-            stack.callback(dist.destroy_process_group)
+            stack.enter_context(runtime.process_group("nccl" if device.type == "cuda" else "gloo", **alone))
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if rank == 0 and resume_from is None:
