@@ -164,8 +164,8 @@ def bench_fsdp(args) -> list[dict]:
              "measured GiB": measured[name] / 2**30 if name in measured else "",
              "measured / plan": measured[name] / plan[name] if name in measured and plan[name] else ""}
             for name in plan]
-    rows.append({"part": f"step seconds ({device.type}, {str(dtype)[6:]})", "plan GiB": "", "measured GiB": measured["seconds"],
-                 "measured / plan": ""})
+    rows.append({"part": f"step seconds ({device.type}, {str(dtype)[6:]})", "plan GiB": "",
+                 "measured GiB": measured["seconds"], "measured / plan": ""})
     return rows
 
 
